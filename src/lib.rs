@@ -1,1 +1,15 @@
-//! Placeholder.
+//! Hearth: a federated Matrix homeserver.
+//!
+//! The binary (`src/main.rs`) parses the command line; this library holds everything else.
+//! See `docs/architecture.md` for the map.
+
+pub mod account_data;
+pub mod accounts;
+pub mod api;
+pub mod config;
+pub mod ephemeral;
+pub mod filter;
+pub mod notify;
+pub mod rooms;
+pub mod server;
+pub mod sync;

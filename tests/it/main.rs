@@ -1,1 +1,9 @@
-//! Placeholder.
+//! Integration tests: the real server on `127.0.0.1:0` with a fresh RocksDB in a temp dir,
+//! spoken to over HTTP. One test binary for the crate so linking stays fast.
+
+mod harness;
+
+mod basics;
+mod bad_input;
+mod client_sdk;
+mod restart;

@@ -1,0 +1,110 @@
+//! Per-user account data, global and per room (tags and `m.fully_read` live here too).
+//! Each change takes a stream position so that `/sync` reports it.
+//!
+//! [Client config](https://spec.matrix.org/v1.16/client-server-api/#client-config)
+
+use ruma::{RoomId, UserId};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use storage::{Db, keys};
+
+use crate::notify::Notifier;
+
+const DATA: &str = "user_room_type_to_account_data";
+const CHANGES: &str = "user_position_to_account_data_change";
+
+#[derive(Serialize, Deserialize)]
+struct Stored {
+    content: Value,
+    position: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Change {
+    room_id: String,
+    kind: String,
+}
+
+/// The account data component.
+#[derive(Clone)]
+pub struct AccountData {
+    db: Db,
+    notifier: Notifier,
+}
+
+impl AccountData {
+    /// The component over `db`.
+    pub fn new(db: Db, notifier: Notifier) -> Self {
+        Self { db, notifier }
+    }
+
+    fn key(user_id: &UserId, room_id: Option<&RoomId>, kind: &str) -> Vec<u8> {
+        let room = room_id.map(RoomId::as_str).unwrap_or("");
+        keys::join(&[user_id.as_bytes(), room.as_bytes(), kind.as_bytes()])
+    }
+
+    /// Sets one entry.
+    pub fn set(&self, user_id: &UserId, room_id: Option<&RoomId>, kind: &str, content: Value) -> Result<(), storage::Error> {
+        let key = Self::key(user_id, room_id, kind);
+        let (position, ()) = self.db.write_at_next_position(|position, batch| {
+            batch.put(DATA, &key, &Stored { content, position })?;
+            let mut change_key = keys::prefix(&[user_id.as_bytes()]);
+            change_key.extend_from_slice(&keys::encode_u64(position));
+            let room_id = room_id.map(|room| room.to_string()).unwrap_or_default();
+            batch.put(CHANGES, &change_key, &Change { room_id, kind: kind.to_owned() })
+        })?;
+        self.notifier.notify(position);
+        Ok(())
+    }
+
+    /// One entry.
+    pub fn get(&self, user_id: &UserId, room_id: Option<&RoomId>, kind: &str) -> Result<Option<Value>, storage::Error> {
+        Ok(self.db.get::<Stored>(DATA, &Self::key(user_id, room_id, kind))?.map(|stored| stored.content))
+    }
+
+    /// Account data events for sync: global ones, and per room. Everything on an initial sync,
+    /// what changed after `since` otherwise.
+    pub fn events_since(
+        &self,
+        user_id: &UserId,
+        since: Option<u64>,
+    ) -> Result<(Vec<Value>, std::collections::BTreeMap<String, Vec<Value>>), storage::Error> {
+        let mut global = Vec::new();
+        let mut rooms: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
+        let prefix = keys::prefix(&[user_id.as_bytes()]);
+        let mut wanted: Vec<(String, String)> = Vec::new();
+        match since {
+            None => {
+                for (key, _) in self.db.scan_prefix(DATA, &prefix)? {
+                    let parts = keys::split(&key[prefix.len()..]);
+                    if let [room, kind] = parts.as_slice() {
+                        wanted.push((String::from_utf8_lossy(room).into_owned(), String::from_utf8_lossy(kind).into_owned()));
+                    }
+                }
+            }
+            Some(since) => {
+                let mut start = prefix.clone();
+                start.extend_from_slice(&keys::encode_u64(since + 1));
+                self.db.for_each_prefix_from(CHANGES, &prefix, &start, |_, value| {
+                    if let Ok(change) = serde_json::from_slice::<Change>(value)
+                        && !wanted.contains(&(change.room_id.clone(), change.kind.clone()))
+                    {
+                        wanted.push((change.room_id, change.kind));
+                    }
+                    true
+                })?;
+            }
+        }
+        for (room, kind) in wanted {
+            let key = keys::join(&[user_id.as_bytes(), room.as_bytes(), kind.as_bytes()]);
+            let Some(stored) = self.db.get::<Stored>(DATA, &key)? else { continue };
+            let event = json!({"type": kind, "content": stored.content});
+            if room.is_empty() {
+                global.push(event);
+            } else {
+                rooms.entry(room).or_default().push(event);
+            }
+        }
+        Ok((global, rooms))
+    }
+}

@@ -1,0 +1,205 @@
+//! Reading history: `messages` (pagination both ways) and `context`.
+//!
+//! [Getting events for a room](https://spec.matrix.org/v1.16/client-server-api/#get_matrixclientv3roomsroomidmessages)
+
+use axum::{Json, Router, extract::State, routing::get};
+use ruma::{OwnedEventId, OwnedRoomId, RoomId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::{membership::visible_until, sync::resolve_filter};
+use crate::{
+    api::{
+        AppState,
+        error::{ApiError, ApiResult},
+        extract::{Auth, PathIds, Query},
+    },
+    filter::EventFilter,
+    rooms::{Direction, EventMeta, Pdu},
+    sync::{parse_token, token},
+};
+
+/// Routes of this module.
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/_matrix/client/v3/rooms/{roomId}/messages", get(get_messages))
+        .route("/_matrix/client/v3/rooms/{roomId}/context/{eventId}", get(get_context))
+}
+
+#[derive(Deserialize)]
+struct MessagesQuery {
+    from: Option<String>,
+    to: Option<String>,
+    dir: Option<String>,
+    limit: Option<String>,
+    filter: Option<String>,
+}
+
+fn room_filter(state: &AppState, auth: &Auth, filter: Option<&str>) -> Result<EventFilter, ApiError> {
+    let Some(raw) = filter.filter(|raw| !raw.is_empty()) else { return Ok(EventFilter::default()) };
+    let value: Value = serde_json::from_str(raw).map_err(|_| ApiError::not_json("Invalid filter JSON"))?;
+    if value.get("room").is_some() {
+        return Ok(resolve_filter(state, auth, Some(raw))?.room.timeline);
+    }
+    serde_json::from_value(value).map_err(|error| ApiError::bad_json(format!("Invalid filter: {error}")))
+}
+
+fn parse_limit(limit: Option<&str>, default: usize, max: usize) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(default),
+        Some(limit) => limit.parse::<usize>().map(|limit| limit.min(max)).map_err(|_| ApiError::invalid_param("Invalid limit")),
+    }
+}
+
+/// Walks the timeline from `from` in `direction`, keeping events the filter allows, until
+/// `limit` are found, `stop` is passed or the room's start/end is reached. Returns the events
+/// and whether more may follow.
+fn paginate(
+    state: &AppState,
+    room_id: &RoomId,
+    mut cursor: u64,
+    stop: Option<u64>,
+    direction: Direction,
+    limit: usize,
+    filter: &EventFilter,
+) -> Result<(Vec<(Pdu, EventMeta)>, bool), ApiError> {
+    let mut picked = Vec::new();
+    loop {
+        let batch = state.rooms.timeline(room_id, cursor, stop, direction, 64)?;
+        if batch.is_empty() {
+            return Ok((picked, false));
+        }
+        for (position, event_id) in &batch {
+            cursor = *position;
+            if picked.len() == limit {
+                return Ok((picked, true));
+            }
+            let (Some(pdu), Some(meta)) = (state.rooms.pdu(event_id)?, state.rooms.meta(event_id)?) else { continue };
+            if filter.allows_pdu(&pdu) {
+                picked.push((pdu, meta));
+            }
+        }
+    }
+}
+
+/// Member events of the senders of `events` at the given snapshot, for lazy loading.
+fn lazy_members(state: &AppState, auth: &Auth, room_id: &RoomId, events: &[(Pdu, EventMeta)]) -> Result<Vec<Value>, ApiError> {
+    let mut senders: Vec<&ruma::UserId> = events.iter().map(|(pdu, _)| pdu.sender.as_ref()).collect();
+    senders.sort();
+    senders.dedup();
+    let mut members = Vec::new();
+    for sender in senders {
+        if let Some(event_id) = state.rooms.current_state_event_id(room_id, "m.room.member", sender.as_str())?
+            && let Some((_, _, value)) = state.rooms.client_event_by_id(&event_id, Some((&auth.user_id, &auth.device_id)))?
+        {
+            members.push(value);
+        }
+    }
+    Ok(members)
+}
+
+/// `GET /_matrix/client/v3/rooms/{roomId}/messages`
+async fn get_messages(State(state): State<AppState>, auth: Auth, path: PathIds, Query(query): Query<MessagesQuery>) -> ApiResult {
+    let room_id: OwnedRoomId = path.id("roomId")?;
+    let direction = match query.dir.as_deref() {
+        Some("b") | None => Direction::Backward,
+        Some("f") => Direction::Forward,
+        Some(_) => return Err(ApiError::invalid_param("dir must be b or f")),
+    };
+    let until = visible_until(&state, &auth, &room_id)?;
+    let limit = parse_limit(query.limit.as_deref(), 10, state.config.timeline_limit_max)?;
+    let filter = room_filter(&state, &auth, query.filter.as_deref())?;
+    let ceiling = until.unwrap_or_else(|| state.rooms.position());
+    let parse = |raw: &str| parse_token(raw).ok_or_else(|| ApiError::invalid_param("Invalid pagination token"));
+    let from = match query.from.as_deref() {
+        Some(raw) => parse(raw)?,
+        None => match direction {
+            Direction::Backward => ceiling,
+            Direction::Forward => 0,
+        },
+    };
+    let to = query.to.as_deref().map(parse).transpose()?;
+    let (events, more) = match direction {
+        // Backwards from token n: positions n, n-1, ... down to (exclusive) `to`.
+        Direction::Backward => {
+            paginate(&state, &room_id, from.min(ceiling).saturating_add(1), to.map(|to| to + 1), direction, limit, &filter)?
+        }
+        // Forwards from token n: positions n+1, ... up to (inclusive) `to` and the ceiling.
+        Direction::Forward => {
+            let stop = to.map_or(ceiling, |to| to.min(ceiling));
+            paginate(&state, &room_id, from, Some(stop), direction, limit, &filter)?
+        }
+    };
+    let chunk: Vec<Value> = events
+        .iter()
+        .map(|(pdu, meta)| state.rooms.client_event(pdu, Some(meta), Some((&auth.user_id, &auth.device_id))))
+        .collect::<Result<_, _>>()?;
+    let mut answer = json!({"chunk": chunk, "start": token(from)});
+    if more && let Some((_, meta)) = events.last() {
+        let end = match direction {
+            Direction::Backward => meta.position - 1,
+            Direction::Forward => meta.position,
+        };
+        answer["end"] = json!(token(end));
+    }
+    if filter.lazy_load_members {
+        answer["state"] = json!(lazy_members(&state, &auth, &room_id, &events)?);
+    }
+    Ok(Json(answer))
+}
+
+#[derive(Deserialize)]
+struct ContextQuery {
+    limit: Option<String>,
+    filter: Option<String>,
+}
+
+/// `GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}`
+async fn get_context(State(state): State<AppState>, auth: Auth, path: PathIds, Query(query): Query<ContextQuery>) -> ApiResult {
+    let room_id: OwnedRoomId = path.id("roomId")?;
+    let event_id: OwnedEventId = path.id("eventId")?;
+    let until = visible_until(&state, &auth, &room_id)?;
+    let limit = parse_limit(query.limit.as_deref(), 10, state.config.timeline_limit_max)?;
+    let filter = room_filter(&state, &auth, query.filter.as_deref())?;
+    let (pdu, meta, event) = state
+        .rooms
+        .client_event_by_id(&event_id, Some((&auth.user_id, &auth.device_id)))?
+        .ok_or_else(|| ApiError::not_found("Event not found"))?;
+    if pdu.room_id != room_id || until.is_some_and(|until| meta.position > until) {
+        return Err(ApiError::not_found("Event not found"));
+    }
+    let ceiling = until.unwrap_or_else(|| state.rooms.position());
+    let before_limit = limit / 2;
+    let after_limit = limit - before_limit;
+    let (before, _) = paginate(&state, &room_id, meta.position, None, Direction::Backward, before_limit, &filter)?;
+    let (after, _) = paginate(&state, &room_id, meta.position, Some(ceiling), Direction::Forward, after_limit, &filter)?;
+    let render = |events: &[(Pdu, EventMeta)]| -> Result<Vec<Value>, ApiError> {
+        events
+            .iter()
+            .map(|(pdu, meta)| Ok(state.rooms.client_event(pdu, Some(meta), Some((&auth.user_id, &auth.device_id)))?))
+            .collect()
+    };
+    let start = before.last().map_or(meta.position, |(_, meta)| meta.position) - 1;
+    let end = after.last().map_or(meta.position, |(_, meta)| meta.position);
+    let last_snapshot = after.last().map_or(meta.state_after, |(_, meta)| meta.state_after);
+    let mut state_events = Vec::new();
+    for ((kind, state_key), state_event_id) in state.rooms.state_at(last_snapshot)? {
+        if filter.lazy_load_members && kind == "m.room.member" {
+            let wanted = std::iter::once(&pdu).chain(before.iter().chain(after.iter()).map(|(pdu, _)| pdu));
+            if !wanted.clone().any(|event| event.sender.as_str() == state_key) {
+                continue;
+            }
+        }
+        if let Some((_, _, value)) = state.rooms.client_event_by_id(&state_event_id, Some((&auth.user_id, &auth.device_id)))? {
+            state_events.push(value);
+        }
+    }
+    Ok(Json(json!({
+        "event": event,
+        "events_before": render(&before)?,
+        "events_after": render(&after)?,
+        "start": token(start),
+        "end": token(end),
+        "state": state_events,
+    })))
+}

@@ -1,0 +1,203 @@
+//! The one place where errors become Matrix errors: an `errcode`, an `error` text and an HTTP
+//! status, as the spec names them.
+//!
+//! [Standard error response](https://spec.matrix.org/v1.16/client-server-api/#standard-error-response)
+
+use axum::{
+    Json,
+    http::StatusCode,
+    response::{IntoResponse, Response},
+};
+use serde_json::{Map, Value, json};
+
+/// An error answered to a client or peer.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: Map<String, Value>,
+}
+
+impl ApiError {
+    /// An error with the given status, errcode and text.
+    pub fn new(status: StatusCode, errcode: &str, error: impl Into<String>) -> Self {
+        let mut body = Map::new();
+        body.insert("errcode".into(), errcode.into());
+        body.insert("error".into(), Value::String(error.into()));
+        Self { status, body }
+    }
+
+    /// Adds a field to the error body.
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.body.insert(key.into(), value.into());
+        self
+    }
+
+    /// The errcode, for tests and logs.
+    pub fn errcode(&self) -> &str {
+        self.body.get("errcode").and_then(Value::as_str).unwrap_or("")
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// 403 `M_FORBIDDEN`.
+    pub fn forbidden(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "M_FORBIDDEN", error)
+    }
+    /// 404 `M_NOT_FOUND`.
+    pub fn not_found(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "M_NOT_FOUND", error)
+    }
+    /// 400 `M_BAD_JSON`.
+    pub fn bad_json(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_BAD_JSON", error)
+    }
+    /// 400 `M_NOT_JSON`.
+    pub fn not_json(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_NOT_JSON", error)
+    }
+    /// 400 `M_INVALID_PARAM`.
+    pub fn invalid_param(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_INVALID_PARAM", error)
+    }
+    /// 400 `M_MISSING_PARAM`.
+    pub fn missing_param(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_MISSING_PARAM", error)
+    }
+    /// 401 `M_MISSING_TOKEN`.
+    pub fn missing_token() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token")
+    }
+    /// 401 `M_UNKNOWN_TOKEN` (not a soft logout).
+    pub fn unknown_token() -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "M_UNKNOWN_TOKEN", "Unknown access token")
+            .with("soft_logout", false)
+    }
+    /// 404 `M_UNRECOGNIZED` for unknown endpoints.
+    pub fn unrecognized() -> Self {
+        Self::new(StatusCode::NOT_FOUND, "M_UNRECOGNIZED", "Unrecognized request")
+    }
+    /// 405 `M_UNRECOGNIZED` for a known path with the wrong method.
+    pub fn method_not_allowed() -> Self {
+        Self::new(StatusCode::METHOD_NOT_ALLOWED, "M_UNRECOGNIZED", "Method not allowed")
+    }
+    /// 413 `M_TOO_LARGE`.
+    pub fn too_large() -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", "Request body too large")
+    }
+    /// 400 `M_USER_IN_USE`.
+    pub fn user_in_use() -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_USER_IN_USE", "User ID already taken")
+    }
+    /// 400 `M_INVALID_USERNAME`.
+    pub fn invalid_username(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_INVALID_USERNAME", error)
+    }
+    /// 400 `M_UNSUPPORTED_ROOM_VERSION`.
+    pub fn unsupported_room_version(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_UNSUPPORTED_ROOM_VERSION", error)
+    }
+    /// 400 `M_ROOM_IN_USE`.
+    pub fn room_in_use(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_ROOM_IN_USE", error)
+    }
+    /// 409 `M_UNKNOWN` for a conflicting resource (alias already taken).
+    pub fn conflict(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "M_UNKNOWN", error)
+    }
+    /// 400 `M_UNKNOWN` for a request that is well-formed but cannot be done.
+    pub fn bad_request(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "M_UNKNOWN", error)
+    }
+    /// 403 `M_USER_DEACTIVATED`.
+    pub fn user_deactivated() -> Self {
+        Self::new(StatusCode::FORBIDDEN, "M_USER_DEACTIVATED", "This account has been deactivated")
+    }
+    /// 401 user-interactive authentication challenge: the body is the flow state, plus an
+    /// error when a stage failed.
+    pub fn user_interactive(state: Value, failure: Option<(&str, &str)>) -> Self {
+        let mut body = match state {
+            Value::Object(map) => map,
+            _ => Map::new(),
+        };
+        if let Some((errcode, error)) = failure {
+            body.insert("errcode".into(), errcode.into());
+            body.insert("error".into(), error.into());
+        }
+        Self { status: StatusCode::UNAUTHORIZED, body }
+    }
+    /// 500 `M_UNKNOWN`: the cause is logged with its chain, the client learns nothing more.
+    pub fn internal(source: impl std::error::Error) -> Self {
+        let mut chain = source.to_string();
+        let mut next = source.source();
+        while let Some(cause) = next {
+            chain.push_str(": ");
+            chain.push_str(&cause.to_string());
+            next = cause.source();
+        }
+        tracing::error!(error = %chain, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "M_UNKNOWN", "Internal server error")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(Value::Object(self.body))).into_response()
+    }
+}
+
+impl From<storage::Error> for ApiError {
+    fn from(error: storage::Error) -> Self {
+        Self::internal(error)
+    }
+}
+
+impl From<federation::Error> for ApiError {
+    fn from(error: federation::Error) -> Self {
+        Self::internal(error)
+    }
+}
+
+impl From<crate::accounts::AccountError> for ApiError {
+    fn from(error: crate::accounts::AccountError) -> Self {
+        use crate::accounts::AccountError;
+        match error {
+            AccountError::UserInUse => Self::user_in_use(),
+            AccountError::InvalidUsername(reason) => Self::invalid_username(reason),
+            AccountError::UnknownUser => Self::not_found("Unknown user"),
+            AccountError::UnknownDevice => Self::not_found("Unknown device"),
+            AccountError::Storage(source) => Self::internal(source),
+            AccountError::Hash(reason) => Self::internal(std::io::Error::other(reason)),
+        }
+    }
+}
+
+impl From<crate::rooms::RoomError> for ApiError {
+    fn from(error: crate::rooms::RoomError) -> Self {
+        use crate::rooms::RoomError;
+        match error {
+            RoomError::NotFound => Self::not_found("Room not found"),
+            RoomError::EventNotFound => Self::not_found("Event not found"),
+            RoomError::Forbidden(reason) => Self::forbidden(reason),
+            RoomError::BadEvent(reason) => Self::bad_json(reason),
+            RoomError::UnsupportedRoomVersion(version) => {
+                Self::unsupported_room_version(format!("Room version {version} is not supported"))
+            }
+            RoomError::AliasInUse => Self::room_in_use("Room alias already taken"),
+            RoomError::InvalidAlias(reason) => Self::invalid_param(reason),
+            RoomError::Signing(source) => Self::internal(source),
+            RoomError::Storage(source) => Self::internal(source),
+            RoomError::Pdu(source) => Self::internal(source),
+        }
+    }
+}
+
+/// An empty JSON object, the answer of many endpoints.
+pub fn empty_object() -> Json<Value> {
+    Json(json!({}))
+}
+
+/// Result type of handlers.
+pub type ApiResult<T = Json<Value>> = Result<T, ApiError>;

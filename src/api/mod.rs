@@ -1,0 +1,78 @@
+//! The HTTP surface: the router, its middleware (CORS, gzip, tracing spans) and the
+//! state each handler draws its components from.
+
+pub mod client;
+pub mod error;
+pub mod extract;
+pub mod uia;
+
+use std::{sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    extract::FromRef,
+    http::{Method, header},
+};
+use federation::ServerSigningKey;
+use tower_http::{
+    compression::CompressionLayer,
+    cors::{Any, CorsLayer},
+    trace::TraceLayer,
+};
+
+use crate::{
+    account_data::AccountData, accounts::Accounts, config::Config, ephemeral::Ephemeral,
+    notify::Notifier, rooms::Rooms,
+};
+
+/// The router state. Handlers take the components they use (`State<Rooms>`), not all of it.
+#[derive(Clone, FromRef)]
+pub struct AppState {
+    /// Configuration.
+    pub config: Arc<Config>,
+    /// Accounts, devices, tokens.
+    pub accounts: Accounts,
+    /// The room core.
+    pub rooms: Rooms,
+    /// Typing, receipts, presence.
+    pub ephemeral: Ephemeral,
+    /// Account data.
+    pub account_data: AccountData,
+    /// User-interactive auth sessions.
+    pub uia: uia::UiaSessions,
+    /// Wakes `/sync`.
+    pub notifier: Notifier,
+    /// The server's signing key.
+    pub signing_key: Arc<ServerSigningKey>,
+}
+
+/// The whole HTTP application.
+pub fn router(state: AppState) -> Router {
+    let cors = CorsLayer::new()
+        .allow_origin(Any)
+        .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE, Method::OPTIONS])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            header::ACCEPT,
+            header::HeaderName::from_static("x-requested-with"),
+        ])
+        .max_age(Duration::from_secs(86400));
+    let max_request_bytes = state.config.max_request_bytes;
+    client::routes()
+        .fallback(fallback)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::extract::DefaultBodyLimit::max(max_request_bytes))
+        .layer(CompressionLayer::new().gzip(true))
+        .layer(cors)
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn fallback() -> error::ApiError {
+    error::ApiError::unrecognized()
+}
+
+async fn method_not_allowed() -> error::ApiError {
+    error::ApiError::method_not_allowed()
+}

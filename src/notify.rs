@@ -1,0 +1,36 @@
+//! Wakes `/sync` long-polls: every committed change publishes its stream position here, and
+//! waiters re-check what concerns them. Event-driven, no polling loop.
+
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+/// Publishes the newest committed stream position.
+#[derive(Clone)]
+pub struct Notifier {
+    sender: Arc<watch::Sender<u64>>,
+}
+
+impl Notifier {
+    /// A notifier starting at `position`.
+    pub fn new(position: u64) -> Self {
+        Self { sender: Arc::new(watch::Sender::new(position)) }
+    }
+
+    /// Announces that everything up to `position` is committed.
+    pub fn notify(&self, position: u64) {
+        self.sender.send_if_modified(|current| {
+            if position > *current {
+                *current = position;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// A receiver that wakes on every new position.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.sender.subscribe()
+    }
+}

@@ -1,0 +1,845 @@
+//! The room core: the one place where events are built, authorized, persisted and announced.
+//!
+//! Every event is a full PDU of its room version: `prev_events` from the forward extremities,
+//! `auth_events` chosen by the auth-event selection rules, a content hash, this server's
+//! signature and an event id as the room version defines it. Authorization uses ruma's
+//! implementation of the room version's auth rules against the room's current state. One
+//! accepted event is one RocksDB batch at one new stream position.
+
+pub mod create;
+pub mod directory;
+pub mod membership;
+pub mod pdu;
+pub mod state;
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use federation::ServerSigningKey;
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, DeviceId, EventId, MilliSecondsSinceUnixEpoch,
+    OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, RoomVersionId, UserId,
+    events::TimelineEventType,
+    room_version_rules::EventsReferenceFormatVersion,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use storage::{Batch, Db, keys};
+use tracing::instrument;
+
+use crate::notify::Notifier;
+pub use pdu::Pdu;
+
+/// Why a room operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RoomError {
+    /// The room is not known here.
+    #[error("room not found")]
+    NotFound,
+    /// The event is not known here (or not visible).
+    #[error("event not found")]
+    EventNotFound,
+    /// The auth rules (or a server-side rule) forbid it.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The event content is not valid for its type.
+    #[error("bad event: {0}")]
+    BadEvent(String),
+    /// The room version is not one we can create.
+    #[error("unsupported room version {0}")]
+    UnsupportedRoomVersion(String),
+    /// The alias is taken.
+    #[error("alias already exists")]
+    AliasInUse,
+    /// The alias is not valid.
+    #[error("invalid alias: {0}")]
+    InvalidAlias(String),
+    /// Signing failed.
+    #[error(transparent)]
+    Signing(#[from] federation::Error),
+    /// Storage failed.
+    #[error(transparent)]
+    Storage(#[from] storage::Error),
+    /// A stored PDU did not parse.
+    #[error(transparent)]
+    Pdu(#[from] pdu::PduError),
+}
+
+/// What we keep about a room.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoomRecord {
+    /// The room version.
+    pub room_version: RoomVersionId,
+    /// The `prev_events` of the next event.
+    pub forward_extremities: Vec<OwnedEventId>,
+    /// The highest depth seen.
+    pub depth: u64,
+    /// The state snapshot after the newest event.
+    pub current_snapshot: Option<u64>,
+    /// The stream position of the newest event.
+    pub last_position: u64,
+}
+
+/// What we keep about an event besides its PDU.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventMeta {
+    /// The room.
+    pub room_id: OwnedRoomId,
+    /// Its stream position.
+    pub position: u64,
+    /// Its short id.
+    pub short: u64,
+    /// The state snapshot before it.
+    pub state_before: Option<u64>,
+    /// The state snapshot after it.
+    pub state_after: Option<u64>,
+    /// The device and transaction id it was sent with, for `unsigned.transaction_id`.
+    #[serde(default)]
+    pub transaction: Option<(String, String)>,
+    /// The redaction that redacted it, if any.
+    #[serde(default)]
+    pub redacted_by: Option<OwnedEventId>,
+}
+
+/// A user's membership in a room, as indexed for lookups.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct MembershipRecord {
+    /// `join`, `invite`, `leave`, `ban` or `knock`.
+    pub membership: String,
+    /// The member event.
+    pub event_id: OwnedEventId,
+    /// Its stream position.
+    pub position: u64,
+    /// Whether the user forgot the room.
+    #[serde(default)]
+    pub forgotten: bool,
+}
+
+/// An event a local user wants to send.
+#[derive(Clone, Debug)]
+pub struct NewEvent {
+    /// The type.
+    pub kind: String,
+    /// The content.
+    pub content: Value,
+    /// Present for state events.
+    pub state_key: Option<String>,
+    /// For redactions: the redacted event.
+    pub redacts: Option<OwnedEventId>,
+}
+
+impl NewEvent {
+    /// A state event.
+    pub fn state(kind: impl Into<String>, state_key: impl Into<String>, content: Value) -> Self {
+        Self { kind: kind.into(), content, state_key: Some(state_key.into()), redacts: None }
+    }
+
+    /// A message-like event.
+    pub fn message(kind: impl Into<String>, content: Value) -> Self {
+        Self { kind: kind.into(), content, state_key: None, redacts: None }
+    }
+}
+
+/// A client transaction: the same (user, device, txn id) yields the same event.
+#[derive(Clone, Debug)]
+pub struct Transaction {
+    /// The device.
+    pub device_id: String,
+    /// The client's transaction id.
+    pub txn_id: String,
+}
+
+/// A persisted event.
+#[derive(Clone, Debug)]
+pub struct Appended {
+    /// Its id.
+    pub event_id: OwnedEventId,
+    /// Its stream position.
+    pub position: u64,
+}
+
+/// The room core component.
+#[derive(Clone)]
+pub struct Rooms {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    signing_key: Arc<ServerSigningKey>,
+    default_room_version: RoomVersionId,
+    notifier: Notifier,
+    room_locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    snapshots: state::SnapshotCache,
+}
+
+const ROOMS: &str = "room_id_to_room";
+const PDUS: &str = "event_id_to_pdu";
+const METAS: &str = "event_id_to_meta";
+const TIMELINE: &str = "room_position_to_event_id";
+const CURRENT_STATE: &str = "room_state_key_to_event_id";
+const USER_ROOMS: &str = "user_room_to_membership";
+const ROOM_USERS: &str = "room_user_to_membership";
+const TXNS: &str = "txn_to_event_id";
+const RELATIONS: &str = "event_relations";
+
+/// The two ways through a room's timeline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Towards older events.
+    Backward,
+    /// Towards newer events.
+    Forward,
+}
+
+impl Rooms {
+    /// The room core over `db`, signing with `signing_key`.
+    pub fn new(
+        db: Db,
+        signing_key: Arc<ServerSigningKey>,
+        default_room_version: RoomVersionId,
+        notifier: Notifier,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                db,
+                signing_key,
+                default_room_version,
+                notifier,
+                room_locks: Mutex::new(HashMap::new()),
+                snapshots: state::SnapshotCache::default(),
+            }),
+        }
+    }
+
+    pub(crate) fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    /// This server's name.
+    pub fn server_name(&self) -> &OwnedServerName {
+        self.inner.signing_key.server_name()
+    }
+
+    /// The room version new rooms get.
+    pub fn default_room_version(&self) -> &RoomVersionId {
+        &self.inner.default_room_version
+    }
+
+    fn room_lock(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.inner.room_locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        locks.entry(room_id.to_owned()).or_default().clone()
+    }
+
+    /// The stored room record.
+    pub fn room(&self, room_id: &RoomId) -> Result<Option<RoomRecord>, RoomError> {
+        Ok(self.db().get(ROOMS, room_id.as_bytes())?)
+    }
+
+    /// The room's version, or `NotFound`.
+    pub fn room_version(&self, room_id: &RoomId) -> Result<RoomVersionId, RoomError> {
+        Ok(self.room(room_id)?.ok_or(RoomError::NotFound)?.room_version)
+    }
+
+    /// All rooms known here.
+    pub fn all_rooms(&self) -> Result<Vec<OwnedRoomId>, RoomError> {
+        Ok(self
+            .db()
+            .scan_prefix(ROOMS, b"")?
+            .into_iter()
+            .filter_map(|(key, _)| OwnedRoomId::try_from(String::from_utf8(key).ok()?).ok())
+            .collect())
+    }
+
+    /// A PDU by id.
+    pub fn pdu(&self, event_id: &EventId) -> Result<Option<Pdu>, RoomError> {
+        let Some(bytes) = self.db().get_raw(PDUS, event_id.as_bytes())? else { return Ok(None) };
+        let json: CanonicalJsonObject = serde_json::from_slice(&bytes)
+            .map_err(|error| pdu::PduError(format!("stored PDU {event_id}: {error}")))?;
+        Ok(Some(Pdu::from_json(event_id.to_owned(), json)?))
+    }
+
+    /// An event's metadata.
+    pub fn meta(&self, event_id: &EventId) -> Result<Option<EventMeta>, RoomError> {
+        Ok(self.db().get(METAS, event_id.as_bytes())?)
+    }
+
+    /// The id of the current state event `(kind, state_key)`.
+    pub fn current_state_event_id(
+        &self,
+        room_id: &RoomId,
+        kind: &str,
+        state_key: &str,
+    ) -> Result<Option<OwnedEventId>, RoomError> {
+        let key = keys::join(&[room_id.as_bytes(), kind.as_bytes(), state_key.as_bytes()]);
+        Ok(self.db().get(CURRENT_STATE, &key)?)
+    }
+
+    /// The current state event `(kind, state_key)`.
+    pub fn current_state_pdu(
+        &self,
+        room_id: &RoomId,
+        kind: &str,
+        state_key: &str,
+    ) -> Result<Option<Pdu>, RoomError> {
+        match self.current_state_event_id(room_id, kind, state_key)? {
+            Some(event_id) => self.pdu(&event_id),
+            None => Ok(None),
+        }
+    }
+
+    /// The content of a current state event.
+    pub fn current_state_content(
+        &self,
+        room_id: &RoomId,
+        kind: &str,
+        state_key: &str,
+    ) -> Result<Option<Value>, RoomError> {
+        Ok(self.current_state_pdu(room_id, kind, state_key)?.map(|pdu| pdu.content_value()))
+    }
+
+    /// The whole current state, keyed by (type, state_key).
+    pub fn current_state_ids(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<BTreeMap<(String, String), OwnedEventId>, RoomError> {
+        let prefix = keys::prefix(&[room_id.as_bytes()]);
+        let mut state = BTreeMap::new();
+        for (key, value) in self.db().scan_prefix(CURRENT_STATE, &prefix)? {
+            let rest = &key[prefix.len()..];
+            let parts = keys::split(rest);
+            if parts.len() != 2 {
+                continue;
+            }
+            let (Ok(kind), Ok(state_key), Ok(event_id)) = (
+                String::from_utf8(parts[0].to_vec()),
+                String::from_utf8(parts[1].to_vec()),
+                serde_json::from_slice::<OwnedEventId>(&value),
+            ) else {
+                continue;
+            };
+            state.insert((kind, state_key), event_id);
+        }
+        Ok(state)
+    }
+
+    /// A user's membership in a room.
+    pub fn membership(&self, room_id: &RoomId, user_id: &UserId) -> Result<Option<MembershipRecord>, RoomError> {
+        Ok(self.db().get(USER_ROOMS, &keys::join(&[user_id.as_bytes(), room_id.as_bytes()]))?)
+    }
+
+    /// Whether the user is joined to the room.
+    pub fn is_joined(&self, room_id: &RoomId, user_id: &UserId) -> Result<bool, RoomError> {
+        Ok(self.membership(room_id, user_id)?.is_some_and(|record| record.membership == "join"))
+    }
+
+    /// Every room the user has a membership in.
+    pub fn rooms_of_user(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, MembershipRecord)>, RoomError> {
+        let prefix = keys::prefix(&[user_id.as_bytes()]);
+        let mut rooms = Vec::new();
+        for (key, value) in self.db().scan_prefix(USER_ROOMS, &prefix)? {
+            let Ok(room_id) = OwnedRoomId::try_from(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
+            else {
+                continue;
+            };
+            if let Ok(record) = serde_json::from_slice(&value) {
+                rooms.push((room_id, record));
+            }
+        }
+        Ok(rooms)
+    }
+
+    /// Rooms the user is joined to.
+    pub fn joined_rooms(&self, user_id: &UserId) -> Result<Vec<OwnedRoomId>, RoomError> {
+        Ok(self
+            .rooms_of_user(user_id)?
+            .into_iter()
+            .filter(|(_, record)| record.membership == "join")
+            .map(|(room_id, _)| room_id)
+            .collect())
+    }
+
+    /// Every member (any membership) of a room, from the current state.
+    pub fn members(&self, room_id: &RoomId) -> Result<Vec<(OwnedUserId, MembershipRecord)>, RoomError> {
+        let prefix = keys::prefix(&[room_id.as_bytes()]);
+        let mut members = Vec::new();
+        for (key, value) in self.db().scan_prefix(ROOM_USERS, &prefix)? {
+            let Ok(user_id) = OwnedUserId::try_from(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
+            else {
+                continue;
+            };
+            if let Ok(record) = serde_json::from_slice(&value) {
+                members.push((user_id, record));
+            }
+        }
+        Ok(members)
+    }
+
+    /// Joined members of a room.
+    pub fn joined_members(&self, room_id: &RoomId) -> Result<Vec<OwnedUserId>, RoomError> {
+        Ok(self
+            .members(room_id)?
+            .into_iter()
+            .filter(|(_, record)| record.membership == "join")
+            .map(|(user_id, _)| user_id)
+            .collect())
+    }
+
+    /// Whether two users share a joined room.
+    pub fn share_a_room(&self, a: &UserId, b: &UserId) -> Result<bool, RoomError> {
+        if a == b {
+            return Ok(true);
+        }
+        for room_id in self.joined_rooms(a)? {
+            if self.is_joined(&room_id, b)? {
+                return Ok(true);
+            }
+        }
+        Ok(false)
+    }
+
+    /// The event a client transaction produced, if it was sent before.
+    pub fn transaction_event(
+        &self,
+        user_id: &UserId,
+        transaction: &Transaction,
+    ) -> Result<Option<OwnedEventId>, RoomError> {
+        let key = keys::join(&[
+            user_id.as_bytes(),
+            transaction.device_id.as_bytes(),
+            transaction.txn_id.as_bytes(),
+        ]);
+        Ok(self.db().get(TXNS, &key)?)
+    }
+
+    /// Builds, authorizes and persists a new local event.
+    #[instrument(skip_all, fields(room_id = %room_id, sender = %sender, kind = %event.kind))]
+    pub async fn append(
+        &self,
+        room_id: &RoomId,
+        sender: &UserId,
+        event: NewEvent,
+        transaction: Option<Transaction>,
+    ) -> Result<Appended, RoomError> {
+        let lock = self.room_lock(room_id);
+        let _guard = lock.lock().await;
+        if let Some(transaction) = &transaction
+            && let Some(event_id) = self.transaction_event(sender, transaction)?
+        {
+            let position = self.meta(&event_id)?.map(|meta| meta.position).unwrap_or(0);
+            return Ok(Appended { event_id, position });
+        }
+        let mut room = self.room(room_id)?.ok_or(RoomError::NotFound)?;
+        self.append_locked(&mut room, room_id, sender, event, transaction)
+    }
+
+    /// Builds, authorizes and persists an event while the room lock is held.
+    fn append_locked(
+        &self,
+        room: &mut RoomRecord,
+        room_id: &RoomId,
+        sender: &UserId,
+        event: NewEvent,
+        transaction: Option<Transaction>,
+    ) -> Result<Appended, RoomError> {
+        let version = room.room_version.clone();
+        let rules = federation::signing::rules_for(&version)?;
+        let kind = TimelineEventType::from(event.kind.clone());
+        let content_raw = serde_json::value::to_raw_value(&event.content)
+            .map_err(|error| RoomError::BadEvent(error.to_string()))?;
+        let auth_types = ruma::state_res::auth_types_for_event(
+            &kind,
+            sender,
+            event.state_key.as_deref(),
+            &content_raw,
+            &rules.authorization,
+        )
+        .map_err(RoomError::BadEvent)?;
+        let mut auth_events = Vec::new();
+        for (auth_kind, auth_key) in &auth_types {
+            if let Some(event_id) = self.current_state_event_id(room_id, &auth_kind.to_string(), auth_key)?
+                && !auth_events.contains(&event_id)
+            {
+                auth_events.push(event_id);
+            }
+        }
+        let reference = |event_id: &OwnedEventId| -> Result<Value, RoomError> {
+            match rules.events_reference_format {
+                EventsReferenceFormatVersion::V1 => {
+                    let pdu = self.pdu(event_id)?.ok_or(RoomError::EventNotFound)?;
+                    let hash = ruma::signatures::reference_hash(&pdu.json, &rules)
+                        .map_err(|error| RoomError::BadEvent(error.to_string()))?;
+                    Ok(json!([event_id, {"sha256": hash}]))
+                }
+                _ => Ok(json!(event_id)),
+            }
+        };
+        let prev_events: Vec<Value> = room.forward_extremities.iter().map(reference).collect::<Result<_, _>>()?;
+        let auth_refs: Vec<Value> = auth_events.iter().map(reference).collect::<Result<_, _>>()?;
+        let depth = room.depth + 1;
+        let mut object = json!({
+            "room_id": room_id,
+            "sender": sender,
+            "origin_server_ts": MilliSecondsSinceUnixEpoch::now(),
+            "type": event.kind,
+            "content": event.content,
+            "prev_events": prev_events,
+            "auth_events": auth_refs,
+            "depth": depth,
+        });
+        if rules.redaction.keep_origin_membership_prev_state {
+            object["origin"] = json!(self.server_name());
+        }
+        if let Some(state_key) = &event.state_key {
+            object["state_key"] = json!(state_key);
+        }
+        if let Some(redacts) = &event.redacts {
+            if rules.redaction.content_field_redacts {
+                object["content"]["redacts"] = json!(redacts);
+            } else {
+                object["redacts"] = json!(redacts);
+            }
+        }
+        let CanonicalJsonValue::Object(mut canonical) = ruma::canonical_json::to_canonical_value(object)
+            .map_err(|error| RoomError::BadEvent(format!("event is not canonical JSON: {error}")))?
+        else {
+            return Err(RoomError::BadEvent("event is not an object".into()));
+        };
+        let event_id = self.inner.signing_key.hash_and_sign_pdu(&mut canonical, &version)?;
+        let pdu = Pdu::from_json(event_id.clone(), canonical)?;
+
+        ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |id| {
+            self.pdu(id).ok().flatten()
+        })
+        .map_err(RoomError::Forbidden)?;
+        ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &pdu, |kind, key| {
+            self.current_state_pdu(room_id, &kind.to_string(), key).ok().flatten()
+        })
+        .map_err(RoomError::Forbidden)?;
+        if let Some(redacts) = &pdu.redacts {
+            self.authorize_redaction(room_id, &pdu, redacts)?;
+        }
+
+        let (position, ()) = self.db().write_at_next_position(|position, batch| {
+            self.persist(batch, room, &pdu, position, transaction.as_ref().map(|txn| (sender, txn)))
+        })?;
+        tracing::debug!(event_id = %pdu.event_id, position, "event persisted");
+        self.inner.notifier.notify(position);
+        Ok(Appended { event_id, position })
+    }
+
+    /// Redactions need the redact power level unless they redact the sender's own event
+    /// ([redactions](https://spec.matrix.org/v1.16/client-server-api/#redactions)).
+    fn authorize_redaction(&self, room_id: &RoomId, redaction: &Pdu, redacts: &EventId) -> Result<(), RoomError> {
+        if let Some(target) = self.pdu(redacts)?
+            && target.room_id == room_id
+            && target.sender == redaction.sender
+        {
+            return Ok(());
+        }
+        let levels = self.power_levels(room_id)?;
+        if levels.user_level(&redaction.sender) >= levels.get("redact", 50) {
+            Ok(())
+        } else {
+            Err(RoomError::Forbidden("You don't have permission to redact events".into()))
+        }
+    }
+
+    fn persist(
+        &self,
+        batch: &mut Batch<'_>,
+        room: &mut RoomRecord,
+        pdu: &Pdu,
+        position: u64,
+        transaction: Option<(&UserId, &Transaction)>,
+    ) -> Result<(), storage::Error> {
+        let db = self.db();
+        let room_id = &pdu.room_id;
+        let short = db.next_short(batch)?;
+        batch.put_raw(PDUS, pdu.event_id.as_bytes(), &serde_json::to_vec(&pdu.json).map_err(storage::Error::Encode)?)?;
+        batch.put_raw("event_id_to_short", pdu.event_id.as_bytes(), &keys::encode_u64(short))?;
+        batch.put_raw("short_to_event_id", &keys::encode_u64(short), pdu.event_id.as_bytes())?;
+        let state_before = room.current_snapshot;
+        let mut state_after = state_before;
+        if let Some(state_key) = &pdu.state_key {
+            let kind = pdu.kind.to_string();
+            let snapshot = state::add_to_snapshot(db, &self.inner.snapshots, batch, state_before, &kind, state_key, short)?;
+            state_after = Some(snapshot);
+            let key = keys::join(&[room_id.as_bytes(), kind.as_bytes(), state_key.as_bytes()]);
+            batch.put(CURRENT_STATE, &key, &pdu.event_id)?;
+            if let (Some(membership), Ok(user_id)) = (pdu.membership(), UserId::parse(state_key.as_str())) {
+                let forgotten = false;
+                let record =
+                    MembershipRecord { membership, event_id: pdu.event_id.clone(), position, forgotten };
+                batch.put(USER_ROOMS, &keys::join(&[user_id.as_bytes(), room_id.as_bytes()]), &record)?;
+                batch.put(ROOM_USERS, &keys::join(&[room_id.as_bytes(), user_id.as_bytes()]), &record)?;
+            }
+        }
+        let meta = EventMeta {
+            room_id: room_id.clone(),
+            position,
+            short,
+            state_before,
+            state_after,
+            transaction: transaction.map(|(_, txn)| (txn.device_id.clone(), txn.txn_id.clone())),
+            redacted_by: None,
+        };
+        batch.put(METAS, pdu.event_id.as_bytes(), &meta)?;
+        batch.put(TIMELINE, &timeline_key(room_id, position), &pdu.event_id)?;
+        if let Some((user_id, txn)) = transaction {
+            let key = keys::join(&[user_id.as_bytes(), txn.device_id.as_bytes(), txn.txn_id.as_bytes()]);
+            batch.put(TXNS, &key, &pdu.event_id)?;
+        }
+        if let Some(redacts) = &pdu.redacts
+            && let Some(mut target) = db.get::<EventMeta>(METAS, redacts.as_bytes())?
+            && target.room_id == *room_id
+            && target.redacted_by.is_none()
+        {
+            target.redacted_by = Some(pdu.event_id.clone());
+            batch.put(METAS, redacts.as_bytes(), &target)?;
+        }
+        if let Some(relates_to) = pdu.content_value().get("m.relates_to")
+            && let Some(parent) = relates_to.get("event_id").and_then(Value::as_str)
+        {
+            let key = keys::join(&[parent.as_bytes(), pdu.event_id.as_bytes()]);
+            batch.put(RELATIONS, &key, &relates_to.get("rel_type"))?;
+        }
+        room.forward_extremities = vec![pdu.event_id.clone()];
+        room.depth = room.depth.max(pdu.depth);
+        room.current_snapshot = state_after;
+        room.last_position = position;
+        batch.put(ROOMS, room_id.as_bytes(), room)?;
+        Ok(())
+    }
+
+    /// Timeline events of a room in one direction, starting after `from` (exclusive, in the
+    /// direction of travel) and stopping at `to` (inclusive) or after `limit` events.
+    pub fn timeline(
+        &self,
+        room_id: &RoomId,
+        from: u64,
+        to: Option<u64>,
+        direction: Direction,
+        limit: usize,
+    ) -> Result<Vec<(u64, OwnedEventId)>, RoomError> {
+        let prefix = keys::prefix(&[room_id.as_bytes()]);
+        let mut events = Vec::new();
+        let mut visit = |key: &[u8], value: &[u8]| {
+            let Some(position) = key.get(prefix.len()..).and_then(keys::decode_u64) else { return true };
+            if let Some(to) = to {
+                let past = match direction {
+                    Direction::Backward => position < to,
+                    Direction::Forward => position > to,
+                };
+                if past {
+                    return false;
+                }
+            }
+            if let Ok(event_id) = serde_json::from_slice::<OwnedEventId>(value) {
+                events.push((position, event_id));
+            }
+            events.len() < limit
+        };
+        if limit == 0 {
+            return Ok(events);
+        }
+        match direction {
+            Direction::Backward => {
+                if from == 0 {
+                    return Ok(events);
+                }
+                let start = timeline_key(room_id, from - 1);
+                self.db().for_each_prefix_rev(TIMELINE, &prefix, &start, &mut visit)?;
+            }
+            Direction::Forward => {
+                let start = timeline_key(room_id, from.saturating_add(1));
+                self.db().for_each_prefix_from(TIMELINE, &prefix, &start, &mut visit)?;
+            }
+        }
+        Ok(events)
+    }
+
+    /// Events that relate to `event_id` (`m.relates_to.event_id`), with their relation type.
+    pub fn relations(&self, event_id: &EventId) -> Result<Vec<(OwnedEventId, Option<String>)>, RoomError> {
+        let prefix = keys::prefix(&[event_id.as_bytes()]);
+        let mut related = Vec::new();
+        for (key, value) in self.db().scan_prefix(RELATIONS, &prefix)? {
+            let Ok(child) = OwnedEventId::try_from(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
+            else {
+                continue;
+            };
+            related.push((child, serde_json::from_slice::<Option<String>>(&value).ok().flatten()));
+        }
+        Ok(related)
+    }
+
+    /// The client format of an event as `viewer` sees it: redacted if it was redacted, with
+    /// `unsigned.transaction_id` for the device that sent it.
+    pub fn client_event(
+        &self,
+        pdu: &Pdu,
+        meta: Option<&EventMeta>,
+        viewer: Option<(&UserId, &DeviceId)>,
+    ) -> Result<Value, RoomError> {
+        let version = self.room_version(&pdu.room_id)?;
+        let mut unsigned = serde_json::Map::new();
+        let mut redacted_because = None;
+        if let Some(meta) = meta {
+            if let Some((user_id, device_id)) = viewer
+                && pdu.sender == user_id
+                && let Some((device, txn_id)) = &meta.transaction
+                && device == device_id.as_str()
+            {
+                unsigned.insert("transaction_id".into(), Value::String(txn_id.clone()));
+            }
+            if let Some(redaction_id) = &meta.redacted_by
+                && let Some(redaction) = self.pdu(redaction_id)?
+            {
+                redacted_because = Some(redaction.to_client(&version, None, serde_json::Map::new()));
+            }
+            if let Some(state_key) = &pdu.state_key
+                && let Some(before) = meta.state_before
+                && let Some(previous) = self.state_event_at(before, &pdu.kind.to_string(), state_key)?
+                && let Some(previous) = self.pdu(&previous)?
+            {
+                unsigned.insert("prev_content".into(), previous.content_value());
+                unsigned.insert("replaces_state".into(), json!(previous.event_id));
+            }
+        }
+        Ok(pdu.to_client(&version, redacted_because, unsigned))
+    }
+
+    /// Loads an event with its metadata and renders it for a viewer.
+    pub fn client_event_by_id(
+        &self,
+        event_id: &EventId,
+        viewer: Option<(&UserId, &DeviceId)>,
+    ) -> Result<Option<(Pdu, EventMeta, Value)>, RoomError> {
+        let (Some(pdu), Some(meta)) = (self.pdu(event_id)?, self.meta(event_id)?) else {
+            return Ok(None);
+        };
+        let value = self.client_event(&pdu, Some(&meta), viewer)?;
+        Ok(Some((pdu, meta, value)))
+    }
+
+    /// The event id of `(kind, state_key)` in a state snapshot.
+    pub fn state_event_at(&self, snapshot: u64, kind: &str, state_key: &str) -> Result<Option<OwnedEventId>, RoomError> {
+        let Some(state_key_short) = state::state_key_short(self.db(), kind, state_key)? else {
+            return Ok(None);
+        };
+        let state = state::load_snapshot(self.db(), &self.inner.snapshots, Some(snapshot))?;
+        match state.get(&state_key_short) {
+            Some(short) => Ok(state::event_id_of_short(self.db(), *short)?),
+            None => Ok(None),
+        }
+    }
+
+    /// The full state in a snapshot, keyed by (type, state_key).
+    pub fn state_at(&self, snapshot: Option<u64>) -> Result<BTreeMap<(String, String), OwnedEventId>, RoomError> {
+        Ok(state::resolve_snapshot(self.db(), &self.inner.snapshots, snapshot)?)
+    }
+
+    /// The state snapshot in force after stream position `position` of a room.
+    pub fn snapshot_at_position(&self, room_id: &RoomId, position: u64) -> Result<Option<u64>, RoomError> {
+        let events = self.timeline(room_id, position.saturating_add(1), None, Direction::Backward, 1)?;
+        match events.first() {
+            Some((_, event_id)) => Ok(self.meta(event_id)?.and_then(|meta| meta.state_after)),
+            None => Ok(None),
+        }
+    }
+
+    /// The room's power levels, with the spec's defaults when there is no event.
+    pub fn power_levels(&self, room_id: &RoomId) -> Result<PowerLevels, RoomError> {
+        let content = self.current_state_content(room_id, "m.room.power_levels", "")?;
+        let creators = self.creators(room_id)?;
+        Ok(PowerLevels { content, creators })
+    }
+
+    fn creators(&self, room_id: &RoomId) -> Result<Vec<OwnedUserId>, RoomError> {
+        Ok(self
+            .current_state_pdu(room_id, "m.room.create", "")?
+            .map(|create| vec![create.sender])
+            .unwrap_or_default())
+    }
+
+    /// Marks a room forgotten for a user who is no longer in it.
+    pub fn forget(&self, room_id: &RoomId, user_id: &UserId) -> Result<(), RoomError> {
+        let key = keys::join(&[user_id.as_bytes(), room_id.as_bytes()]);
+        let Some(mut record) = self.db().get::<MembershipRecord>(USER_ROOMS, &key)? else {
+            return Err(RoomError::NotFound);
+        };
+        if record.membership == "join" || record.membership == "invite" {
+            return Err(RoomError::BadEvent("The user is still in the room".into()));
+        }
+        record.forgotten = true;
+        let mut batch = self.db().batch();
+        batch.put(USER_ROOMS, &key, &record)?;
+        self.db().write(batch)?;
+        Ok(())
+    }
+
+    /// The server's stream position.
+    pub fn position(&self) -> u64 {
+        self.db().position()
+    }
+}
+
+/// A room's power levels ([`m.room.power_levels`](https://spec.matrix.org/v1.16/client-server-api/#mroompower_levels)).
+#[derive(Clone, Debug)]
+pub struct PowerLevels {
+    content: Option<Value>,
+    creators: Vec<OwnedUserId>,
+}
+
+impl PowerLevels {
+    /// A top-level level (`ban`, `kick`, `redact`, `invite`, `state_default`, ...).
+    pub fn get(&self, key: &str, default: i64) -> i64 {
+        match &self.content {
+            Some(content) => content.get(key).and_then(as_level).unwrap_or(default),
+            // Without a power levels event, only the creator is privileged and everything is 0.
+            None => 0,
+        }
+    }
+
+    /// A user's level.
+    pub fn user_level(&self, user_id: &UserId) -> i64 {
+        match &self.content {
+            Some(content) => content
+                .get("users")
+                .and_then(|users| users.get(user_id.as_str()))
+                .and_then(as_level)
+                .unwrap_or_else(|| content.get("users_default").and_then(as_level).unwrap_or(0)),
+            None => {
+                if self.creators.iter().any(|creator| creator == user_id) {
+                    100
+                } else {
+                    0
+                }
+            }
+        }
+    }
+
+    /// The level needed to send an event of `kind`.
+    pub fn event_level(&self, kind: &str, is_state: bool) -> i64 {
+        let Some(content) = &self.content else { return 0 };
+        content.get("events").and_then(|events| events.get(kind)).and_then(as_level).unwrap_or_else(|| {
+            if is_state {
+                content.get("state_default").and_then(as_level).unwrap_or(50)
+            } else {
+                content.get("events_default").and_then(as_level).unwrap_or(0)
+            }
+        })
+    }
+}
+
+fn as_level(value: &Value) -> Option<i64> {
+    value.as_i64().or_else(|| value.as_str().and_then(|text| text.parse().ok()))
+}
+
+fn timeline_key(room_id: &RoomId, position: u64) -> Vec<u8> {
+    let mut key = keys::prefix(&[room_id.as_bytes()]);
+    key.extend_from_slice(&keys::encode_u64(position));
+    key
+}

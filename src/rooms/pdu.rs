@@ -1,0 +1,235 @@
+//! PDUs: the signed events of a room as they are stored and federated, and their client
+//! format.
+//!
+//! [PDUs](https://spec.matrix.org/v1.16/server-server-api/#pdus)
+
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, MilliSecondsSinceUnixEpoch, OwnedEventId,
+    OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
+    events::{StateEventType, TimelineEventType},
+};
+use serde::Deserialize;
+use serde_json::{Value, value::RawValue as RawJsonValue};
+
+/// A parsed PDU, with the signed JSON it came from.
+#[derive(Clone, Debug)]
+pub struct Pdu {
+    /// The event id (reference hash, or the `event_id` field in room versions 1 and 2).
+    pub event_id: OwnedEventId,
+    /// The room.
+    pub room_id: OwnedRoomId,
+    /// Who sent it.
+    pub sender: OwnedUserId,
+    /// When the sending server says it was sent.
+    pub origin_server_ts: MilliSecondsSinceUnixEpoch,
+    /// The event type.
+    pub kind: TimelineEventType,
+    /// The content.
+    pub content: Box<RawJsonValue>,
+    /// Present on state events.
+    pub state_key: Option<String>,
+    /// The events this one follows.
+    pub prev_events: Vec<OwnedEventId>,
+    /// The events that authorize it.
+    pub auth_events: Vec<OwnedEventId>,
+    /// Depth in the DAG.
+    pub depth: u64,
+    /// What a redaction redacts (top-level before room version 11, in `content` since).
+    pub redacts: Option<OwnedEventId>,
+    /// The signed PDU exactly as stored and sent to peers.
+    pub json: CanonicalJsonObject,
+}
+
+/// Why a PDU could not be parsed.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid PDU: {0}")]
+pub struct PduError(pub String);
+
+#[derive(Deserialize)]
+struct Fields {
+    room_id: OwnedRoomId,
+    sender: OwnedUserId,
+    origin_server_ts: MilliSecondsSinceUnixEpoch,
+    #[serde(rename = "type")]
+    kind: TimelineEventType,
+    content: Box<RawJsonValue>,
+    #[serde(default)]
+    state_key: Option<String>,
+    #[serde(default)]
+    prev_events: Vec<Value>,
+    #[serde(default)]
+    auth_events: Vec<Value>,
+    #[serde(default)]
+    depth: u64,
+    #[serde(default)]
+    redacts: Option<OwnedEventId>,
+}
+
+/// Event references are plain ids since room version 3 and `[id, {hashes}]` pairs before.
+fn event_refs(values: Vec<Value>) -> Result<Vec<OwnedEventId>, PduError> {
+    values
+        .into_iter()
+        .map(|value| {
+            let id = match &value {
+                Value::String(id) => id.as_str(),
+                Value::Array(pair) => pair.first().and_then(Value::as_str).unwrap_or(""),
+                _ => "",
+            };
+            OwnedEventId::try_from(id).map_err(|_| PduError(format!("bad event reference {value}")))
+        })
+        .collect()
+}
+
+impl Pdu {
+    /// Parses a signed PDU.
+    pub fn from_json(event_id: OwnedEventId, json: CanonicalJsonObject) -> Result<Self, PduError> {
+        let value = serde_json::to_value(&json).map_err(|error| PduError(error.to_string()))?;
+        let fields: Fields = serde_json::from_value(value).map_err(|error| PduError(error.to_string()))?;
+        let redacts = fields.redacts.or_else(|| {
+            #[derive(Deserialize)]
+            struct Redacts {
+                redacts: Option<OwnedEventId>,
+            }
+            serde_json::from_str::<Redacts>(fields.content.get()).ok().and_then(|content| content.redacts)
+        });
+        Ok(Self {
+            event_id,
+            room_id: fields.room_id,
+            sender: fields.sender,
+            origin_server_ts: fields.origin_server_ts,
+            kind: fields.kind,
+            content: fields.content,
+            state_key: fields.state_key,
+            prev_events: event_refs(fields.prev_events)?,
+            auth_events: event_refs(fields.auth_events)?,
+            depth: fields.depth,
+            redacts,
+            json,
+        })
+    }
+
+    /// The content as a JSON value.
+    pub fn content_value(&self) -> Value {
+        serde_json::from_str(self.content.get()).unwrap_or(Value::Null)
+    }
+
+    /// Whether this is a state event.
+    pub fn is_state(&self) -> bool {
+        self.state_key.is_some()
+    }
+
+    /// The state map key of a state event.
+    pub fn state_pair(&self) -> Option<(StateEventType, String)> {
+        Some((self.kind.to_string().into(), self.state_key.clone()?))
+    }
+
+    /// `content.membership` of a member event.
+    pub fn membership(&self) -> Option<String> {
+        if self.kind != TimelineEventType::RoomMember {
+            return None;
+        }
+        self.content_value().get("membership").and_then(Value::as_str).map(str::to_owned)
+    }
+
+    /// The client format of this event ([client-server API](https://spec.matrix.org/v1.16/client-server-api/#room-event-format)),
+    /// redacted when `redacted_because` is given.
+    pub fn to_client(
+        &self,
+        room_version: &RoomVersionId,
+        redacted_because: Option<Value>,
+        mut unsigned: serde_json::Map<String, Value>,
+    ) -> Value {
+        let mut content = self.content_value();
+        if let Some(because) = redacted_because {
+            content = redacted_content(&content, &self.kind, room_version);
+            unsigned.insert("redacted_because".into(), because);
+        }
+        let mut event = serde_json::json!({
+            "type": self.kind.to_string(),
+            "content": content,
+            "event_id": self.event_id,
+            "sender": self.sender,
+            "origin_server_ts": self.origin_server_ts,
+            "room_id": self.room_id,
+        });
+        if let Some(state_key) = &self.state_key {
+            event["state_key"] = Value::String(state_key.clone());
+        }
+        if let Some(redacts) = &self.redacts {
+            event["redacts"] = Value::String(redacts.to_string());
+        }
+        let age = MilliSecondsSinceUnixEpoch::now().get().saturating_sub(self.origin_server_ts.get());
+        unsigned.insert("age".into(), Value::from(u64::from(age)));
+        event["unsigned"] = Value::Object(unsigned);
+        event
+    }
+
+    /// The stripped state form used in invites ([stripped state](https://spec.matrix.org/v1.16/client-server-api/#stripped-state)).
+    pub fn to_stripped(&self) -> Value {
+        serde_json::json!({
+            "type": self.kind.to_string(),
+            "state_key": self.state_key,
+            "content": self.content_value(),
+            "sender": self.sender,
+        })
+    }
+
+    /// Whether `user_id` is the sender.
+    pub fn sent_by(&self, user_id: &UserId) -> bool {
+        self.sender == user_id
+    }
+
+    /// The room.
+    pub fn room(&self) -> &RoomId {
+        &self.room_id
+    }
+}
+
+/// Content with only the keys the room version's redaction algorithm keeps.
+pub fn redacted_content(content: &Value, kind: &TimelineEventType, room_version: &RoomVersionId) -> Value {
+    let Some(rules) = room_version.rules() else { return serde_json::json!({}) };
+    let Ok(CanonicalJsonValue::Object(mut object)) = ruma::canonical_json::to_canonical_value(content)
+    else {
+        return serde_json::json!({});
+    };
+    ruma::canonical_json::redact_content_in_place(&mut object, &rules.redaction, kind.to_string());
+    serde_json::to_value(object).unwrap_or_else(|_| serde_json::json!({}))
+}
+
+impl ruma::state_res::Event for Pdu {
+    type Id = OwnedEventId;
+
+    fn event_id(&self) -> &Self::Id {
+        &self.event_id
+    }
+    fn room_id(&self) -> Option<&RoomId> {
+        Some(&self.room_id)
+    }
+    fn sender(&self) -> &UserId {
+        &self.sender
+    }
+    fn origin_server_ts(&self) -> MilliSecondsSinceUnixEpoch {
+        self.origin_server_ts
+    }
+    fn event_type(&self) -> &TimelineEventType {
+        &self.kind
+    }
+    fn content(&self) -> &RawJsonValue {
+        &self.content
+    }
+    fn state_key(&self) -> Option<&str> {
+        self.state_key.as_deref()
+    }
+    fn prev_events(&self) -> Box<dyn DoubleEndedIterator<Item = &Self::Id> + '_> {
+        Box::new(self.prev_events.iter())
+    }
+    fn auth_events(&self) -> Box<dyn DoubleEndedIterator<Item = &Self::Id> + '_> {
+        Box::new(self.auth_events.iter())
+    }
+    fn redacts(&self) -> Option<&Self::Id> {
+        self.redacts.as_ref()
+    }
+    fn rejected(&self) -> bool {
+        false
+    }
+}

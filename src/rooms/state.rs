@@ -1,0 +1,181 @@
+//! Room state snapshots, stored as deltas against a parent snapshot.
+//!
+//! A snapshot maps short state keys (type, state_key) to short event ids. Each state event
+//! makes a new snapshot holding only its change and a pointer to the previous one; every
+//! [`FULL_EVERY`] deltas a full copy is written so that loading never walks a long chain.
+//! Events point at the snapshot before and after them.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex},
+};
+
+use ruma::OwnedEventId;
+use serde::{Deserialize, Serialize};
+use storage::{Batch, Db, keys};
+
+/// After this many deltas in a chain, a full snapshot is written.
+pub const FULL_EVERY: u32 = 50;
+const CACHE_MAX: usize = 2048;
+
+const SNAPSHOTS: &str = "snapshot_to_delta";
+const STATE_KEY_TO_SHORT: &str = "state_key_to_short";
+const SHORT_TO_STATE_KEY: &str = "short_to_state_key";
+
+/// A full state map: short state key -> short event id.
+pub type ShortState = HashMap<u64, u64>;
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    parent: Option<u64>,
+    depth: u32,
+    changes: Vec<(u64, u64)>,
+}
+
+/// Recently used full state maps.
+#[derive(Default)]
+pub struct SnapshotCache {
+    maps: Mutex<HashMap<u64, Arc<ShortState>>>,
+}
+
+impl SnapshotCache {
+    fn get(&self, id: u64) -> Option<Arc<ShortState>> {
+        self.maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&id).cloned()
+    }
+
+    fn put(&self, id: u64, state: Arc<ShortState>) {
+        let mut maps = self.maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if maps.len() >= CACHE_MAX {
+            maps.clear();
+        }
+        maps.insert(id, state);
+    }
+}
+
+/// The short id of a (type, state_key) pair, if it has one.
+pub fn state_key_short(db: &Db, kind: &str, state_key: &str) -> Result<Option<u64>, storage::Error> {
+    let key = keys::join(&[kind.as_bytes(), state_key.as_bytes()]);
+    Ok(db.get_raw(STATE_KEY_TO_SHORT, &key)?.as_deref().and_then(keys::decode_u64))
+}
+
+fn state_key_short_or_new(db: &Db, batch: &mut Batch<'_>, kind: &str, state_key: &str) -> Result<u64, storage::Error> {
+    if let Some(short) = state_key_short(db, kind, state_key)? {
+        return Ok(short);
+    }
+    let short = db.next_short(batch)?;
+    let key = keys::join(&[kind.as_bytes(), state_key.as_bytes()]);
+    batch.put_raw(STATE_KEY_TO_SHORT, &key, &keys::encode_u64(short))?;
+    batch.put(SHORT_TO_STATE_KEY, &keys::encode_u64(short), &(kind, state_key))?;
+    Ok(short)
+}
+
+/// The event id behind a short id.
+pub fn event_id_of_short(db: &Db, short: u64) -> Result<Option<OwnedEventId>, storage::Error> {
+    Ok(db
+        .get_raw("short_to_event_id", &keys::encode_u64(short))?
+        .and_then(|bytes| OwnedEventId::try_from(String::from_utf8(bytes).ok()?).ok()))
+}
+
+/// Loads the full short state map of a snapshot (`None` is the empty state before a room's
+/// create event).
+pub fn load_snapshot(db: &Db, cache: &SnapshotCache, id: Option<u64>) -> Result<Arc<ShortState>, storage::Error> {
+    let Some(id) = id else { return Ok(Arc::default()) };
+    if let Some(state) = cache.get(id) {
+        return Ok(state);
+    }
+    let mut chain = Vec::new();
+    let mut next = Some(id);
+    let mut base: Arc<ShortState> = Arc::default();
+    while let Some(current) = next {
+        if let Some(state) = cache.get(current) {
+            base = state;
+            break;
+        }
+        let Some(snapshot) = db.get::<Snapshot>(SNAPSHOTS, &keys::encode_u64(current))? else { break };
+        next = snapshot.parent;
+        chain.push(snapshot);
+    }
+    let mut state = (*base).clone();
+    for snapshot in chain.iter().rev() {
+        for (state_key, event) in &snapshot.changes {
+            state.insert(*state_key, *event);
+        }
+    }
+    let state = Arc::new(state);
+    cache.put(id, state.clone());
+    Ok(state)
+}
+
+/// Writes a new snapshot: `parent` plus the state event `(kind, state_key) -> event_short`.
+pub fn add_to_snapshot(
+    db: &Db,
+    cache: &SnapshotCache,
+    batch: &mut Batch<'_>,
+    parent: Option<u64>,
+    kind: &str,
+    state_key: &str,
+    event_short: u64,
+) -> Result<u64, storage::Error> {
+    let state_key_short = state_key_short_or_new(db, batch, kind, state_key)?;
+    let id = db.next_short(batch)?;
+    let parent_depth = match parent {
+        Some(parent) => db.get::<Snapshot>(SNAPSHOTS, &keys::encode_u64(parent))?.map(|s| s.depth).unwrap_or(0),
+        None => 0,
+    };
+    let mut full = (*load_snapshot(db, cache, parent)?).clone();
+    full.insert(state_key_short, event_short);
+    let snapshot = if parent.is_none() || parent_depth + 1 >= FULL_EVERY {
+        Snapshot { parent: None, depth: 0, changes: full.iter().map(|(k, v)| (*k, *v)).collect() }
+    } else {
+        Snapshot { parent, depth: parent_depth + 1, changes: vec![(state_key_short, event_short)] }
+    };
+    batch.put(SNAPSHOTS, &keys::encode_u64(id), &snapshot)?;
+    cache.put(id, Arc::new(full));
+    Ok(id)
+}
+
+/// The state of a snapshot with full keys and event ids.
+pub fn resolve_snapshot(
+    db: &Db,
+    cache: &SnapshotCache,
+    id: Option<u64>,
+) -> Result<BTreeMap<(String, String), OwnedEventId>, storage::Error> {
+    let short_state = load_snapshot(db, cache, id)?;
+    let mut state = BTreeMap::new();
+    for (state_key_short, event_short) in short_state.iter() {
+        let Some((kind, state_key)) =
+            db.get::<(String, String)>(SHORT_TO_STATE_KEY, &keys::encode_u64(*state_key_short))?
+        else {
+            continue;
+        };
+        if let Some(event_id) = event_id_of_short(db, *event_short)? {
+            state.insert((kind, state_key), event_id);
+        }
+    }
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_chains_reload_the_same_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let cache = SnapshotCache::default();
+        let mut parent = None;
+        for index in 0..(FULL_EVERY * 2 + 3) as u64 {
+            let mut batch = db.batch();
+            let id = add_to_snapshot(&db, &cache, &mut batch, parent, "m.room.member", &format!("@u{}:x", index % 7), index + 1000)
+                .unwrap();
+            db.write(batch).unwrap();
+            parent = Some(id);
+        }
+        let cold = SnapshotCache::default();
+        let state = load_snapshot(&db, &cold, parent).unwrap();
+        assert_eq!(state.len(), 7);
+        assert_eq!(*state, *load_snapshot(&db, &cache, parent).unwrap());
+        assert!(state.values().any(|event| *event == 1000 + (FULL_EVERY * 2 + 2) as u64));
+    }
+}

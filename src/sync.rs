@@ -1,0 +1,405 @@
+//! `/sync`: what changed for a user since a stream position, or everything on an initial sync,
+//! with long polling that wakes on the notifier as soon as something relevant is committed.
+//!
+//! A sync token is `s<position>`: everything up to that stream position has been delivered.
+//!
+//! [Syncing](https://spec.matrix.org/v1.16/client-server-api/#syncing)
+
+use std::{collections::BTreeMap, time::Duration};
+
+use ruma::{OwnedEventId, OwnedUserId, RoomId, UserId};
+use serde_json::{Map, Value, json};
+use tracing::instrument;
+
+use crate::{
+    api::{AppState, error::ApiError, extract::Auth},
+    filter::{EventFilter, Filter},
+    rooms::{Direction, EventMeta, MembershipRecord, Pdu, RoomError},
+};
+
+/// The default timeline limit of a sync.
+pub const DEFAULT_TIMELINE_LIMIT: usize = 10;
+
+/// Formats a stream position as a token.
+pub fn token(position: u64) -> String {
+    format!("s{position}")
+}
+
+/// Parses a token made by [`token`] (a bare number is accepted too).
+pub fn parse_token(token: &str) -> Option<u64> {
+    token.strip_prefix('s').or_else(|| token.strip_prefix('t')).unwrap_or(token).parse().ok()
+}
+
+/// What the client asked for.
+pub struct SyncRequest {
+    /// The filter to apply.
+    pub filter: Filter,
+    /// Position the client has seen everything up to.
+    pub since: Option<u64>,
+    /// Send the full state of every room.
+    pub full_state: bool,
+    /// How long to wait for something new.
+    pub timeout: Duration,
+}
+
+/// Timeline events picked for a room.
+struct Timeline {
+    events: Vec<(Pdu, EventMeta)>,
+    limited: bool,
+    prev_batch: u64,
+}
+
+/// Runs a sync, waiting up to the timeout for something new when nothing is.
+#[instrument(skip_all, fields(user_id = %auth.user_id))]
+pub async fn sync(state: &AppState, auth: &Auth, request: SyncRequest) -> Result<Value, ApiError> {
+    let mut receiver = state.notifier.subscribe();
+    let deadline = tokio::time::Instant::now() + request.timeout;
+    loop {
+        receiver.borrow_and_update();
+        let position = state.rooms.position();
+        let (response, changed) = build(state, auth, &request, position)?;
+        if changed || request.since.is_none() || request.full_state || request.since.is_some_and(|since| since > position) {
+            return Ok(response);
+        }
+        tokio::select! {
+            result = receiver.changed() => {
+                if result.is_err() {
+                    return Ok(response);
+                }
+            }
+            () = tokio::time::sleep_until(deadline) => return Ok(response),
+        }
+    }
+}
+
+fn build(state: &AppState, auth: &Auth, request: &SyncRequest, position: u64) -> Result<(Value, bool), ApiError> {
+    let user_id = &auth.user_id;
+    let since = request.since;
+    let filter = &request.filter;
+    let mut join = Map::new();
+    let mut invite = Map::new();
+    let mut leave = Map::new();
+    let (global_data, mut room_data) = state.account_data.events_since(user_id, since)?;
+
+    let mut presence_users: Vec<OwnedUserId> = vec![user_id.clone()];
+    for (room_id, record) in state.rooms.rooms_of_user(user_id)? {
+        if !filter.room.allows_room(&room_id) || record.position > position {
+            continue;
+        }
+        let newly = since.is_none_or(|since| record.position > since);
+        match record.membership.as_str() {
+            "join" => {
+                for member in state.rooms.joined_members(&room_id)? {
+                    if !presence_users.contains(&member) {
+                        presence_users.push(member);
+                    }
+                }
+                let room_since = if newly { None } else { since };
+                let data = room_data.remove(room_id.as_str()).unwrap_or_default();
+                if let Some(room) = joined_room(state, auth, request, &room_id, room_since, position, data)? {
+                    join.insert(room_id.to_string(), room);
+                }
+            }
+            "invite" | "knock" if newly => {
+                let section = invited_room(state, &room_id, &record)?;
+                if record.membership == "invite" {
+                    invite.insert(room_id.to_string(), section);
+                }
+            }
+            "leave" | "ban" if !record.forgotten && (since.is_some() && newly || since.is_none() && filter.room.include_leave) => {
+                if let Some(room) = left_room(state, auth, request, &room_id, &record, since)? {
+                    leave.insert(room_id.to_string(), room);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    let mut presence = Vec::new();
+    for member in presence_users {
+        if filter.presence.allows("m.presence", member.as_str())
+            && let Some(event) = state.ephemeral.presence_event(&member, since)?
+        {
+            presence.push(event);
+        }
+    }
+    let account_data: Vec<Value> = global_data
+        .into_iter()
+        .filter(|event| filter.account_data.allows(event["type"].as_str().unwrap_or(""), user_id.as_str()))
+        .collect();
+    let changed = !join.is_empty() || !invite.is_empty() || !leave.is_empty() || !presence.is_empty() || !account_data.is_empty();
+    let response = json!({
+        "next_batch": token(position),
+        "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
+        "presence": {"events": presence},
+        "account_data": {"events": account_data},
+        "to_device": {"events": []},
+        "device_lists": {"changed": [], "left": []},
+        "device_one_time_keys_count": {},
+        "device_unused_fallback_key_types": [],
+    });
+    Ok((response, changed))
+}
+
+/// Picks timeline events in `(lower, upper]`, newest `limit` of those the filter allows.
+fn timeline(
+    state: &AppState,
+    room_id: &RoomId,
+    lower: Option<u64>,
+    upper: u64,
+    limit: usize,
+    filter: &EventFilter,
+) -> Result<Timeline, RoomError> {
+    let mut picked = Vec::new();
+    let mut cursor = upper.saturating_add(1);
+    let floor = lower.map(|lower| lower + 1);
+    let mut limited = false;
+    'scan: loop {
+        let batch = state.rooms.timeline(room_id, cursor, floor, Direction::Backward, 64)?;
+        if batch.is_empty() {
+            break;
+        }
+        for (position, event_id) in &batch {
+            cursor = *position;
+            let (Some(pdu), Some(meta)) = (state.rooms.pdu(event_id)?, state.rooms.meta(event_id)?) else { continue };
+            if !filter.allows_pdu(&pdu) {
+                continue;
+            }
+            if picked.len() == limit {
+                limited = true;
+                break 'scan;
+            }
+            picked.push((pdu, meta));
+        }
+    }
+    picked.reverse();
+    let prev_batch = picked.first().map(|(_, meta)| meta.position - 1).unwrap_or(upper);
+    Ok(Timeline { events: picked, limited, prev_batch })
+}
+
+fn timeline_limit(state: &AppState, filter: &EventFilter) -> usize {
+    filter.limit.map(|limit| limit as usize).unwrap_or(DEFAULT_TIMELINE_LIMIT).min(state.config.timeline_limit_max)
+}
+
+/// The state section: what the client needs besides the timeline.
+fn state_section(
+    state: &AppState,
+    auth: &Auth,
+    filter: &Filter,
+    timeline: &Timeline,
+    room_since: Option<u64>,
+    room_id: &RoomId,
+    upper: u64,
+    full_state: bool,
+) -> Result<Vec<Value>, ApiError> {
+    let start_snapshot = match timeline.events.first() {
+        Some((_, meta)) => meta.state_before,
+        None => state.rooms.snapshot_at_position(room_id, upper)?,
+    };
+    let at_start = state.rooms.state_at(start_snapshot)?;
+    let wanted: BTreeMap<(String, String), OwnedEventId> = match room_since {
+        Some(since) if !full_state => {
+            if !timeline.limited {
+                return Ok(Vec::new());
+            }
+            let before = state.rooms.state_at(state.rooms.snapshot_at_position(room_id, since)?)?;
+            at_start.into_iter().filter(|(key, event_id)| before.get(key) != Some(event_id)).collect()
+        }
+        _ => at_start,
+    };
+    let lazy = filter.room.state.lazy_load_members;
+    let senders: Vec<&UserId> = timeline.events.iter().map(|(pdu, _)| pdu.sender.as_ref()).collect();
+    let in_timeline: Vec<&OwnedEventId> = timeline.events.iter().map(|(pdu, _)| &pdu.event_id).collect();
+    let mut events = Vec::new();
+    for ((kind, state_key), event_id) in wanted {
+        if in_timeline.contains(&&event_id) {
+            continue;
+        }
+        if lazy
+            && kind == "m.room.member"
+            && state_key != auth.user_id.as_str()
+            && !senders.iter().any(|sender| sender.as_str() == state_key)
+        {
+            continue;
+        }
+        let Some((pdu, meta, value)) =
+            state.rooms.client_event_by_id(&event_id, Some((&auth.user_id, &auth.device_id)))?
+        else {
+            continue;
+        };
+        let _ = meta;
+        if filter.room.state.allows_pdu(&pdu) {
+            events.push(value);
+        }
+    }
+    Ok(events)
+}
+
+fn render(state: &AppState, auth: &Auth, events: &[(Pdu, EventMeta)]) -> Result<Vec<Value>, ApiError> {
+    events
+        .iter()
+        .map(|(pdu, meta)| Ok(state.rooms.client_event(pdu, Some(meta), Some((&auth.user_id, &auth.device_id)))?))
+        .collect()
+}
+
+fn joined_room(
+    state: &AppState,
+    auth: &Auth,
+    request: &SyncRequest,
+    room_id: &RoomId,
+    room_since: Option<u64>,
+    upper: u64,
+    account_data: Vec<Value>,
+) -> Result<Option<Value>, ApiError> {
+    let filter = &request.filter;
+    let limit = timeline_limit(state, &filter.room.timeline);
+    let timeline = timeline(state, room_id, room_since, upper, limit, &filter.room.timeline)?;
+    let state_events = state_section(state, auth, filter, &timeline, room_since, room_id, upper, request.full_state)?;
+    let mut ephemeral = Vec::new();
+    if let Some(users) = state.ephemeral.typing(room_id, room_since) {
+        ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": users}}));
+    }
+    if let Some(receipts) = state.ephemeral.receipt_event(room_id, &auth.user_id, room_since)? {
+        ephemeral.push(receipts);
+    }
+    ephemeral.retain(|event| filter.room.ephemeral.allows(event["type"].as_str().unwrap_or(""), ""));
+    let account_data: Vec<Value> = account_data
+        .into_iter()
+        .filter(|event| filter.room.account_data.allows(event["type"].as_str().unwrap_or(""), auth.user_id.as_str()))
+        .collect();
+    if room_since.is_some()
+        && !request.full_state
+        && timeline.events.is_empty()
+        && state_events.is_empty()
+        && ephemeral.is_empty()
+        && account_data.is_empty()
+    {
+        return Ok(None);
+    }
+    let (notification_count, highlight_count) = unread_counts(state, &auth.user_id, room_id, upper)?;
+    let members = state.rooms.members(room_id)?;
+    let joined = members.iter().filter(|(_, record)| record.membership == "join").count();
+    let invited = members.iter().filter(|(_, record)| record.membership == "invite").count();
+    let mut summary = json!({"m.joined_member_count": joined, "m.invited_member_count": invited});
+    if state.rooms.current_state_event_id(room_id, "m.room.name", "")?.is_none()
+        && state.rooms.current_state_event_id(room_id, "m.room.canonical_alias", "")?.is_none()
+    {
+        let heroes: Vec<&OwnedUserId> = members
+            .iter()
+            .filter(|(user_id, record)| *user_id != auth.user_id && (record.membership == "join" || record.membership == "invite"))
+            .map(|(user_id, _)| user_id)
+            .take(5)
+            .collect();
+        summary["m.heroes"] = json!(heroes);
+    }
+    Ok(Some(json!({
+        "timeline": {
+            "events": render(state, auth, &timeline.events)?,
+            "limited": timeline.limited,
+            "prev_batch": token(timeline.prev_batch),
+        },
+        "state": {"events": state_events},
+        "ephemeral": {"events": ephemeral},
+        "account_data": {"events": account_data},
+        "unread_notifications": {"notification_count": notification_count, "highlight_count": highlight_count},
+        "unread_thread_notifications": {},
+        "summary": summary,
+    })))
+}
+
+fn invited_room(state: &AppState, room_id: &RoomId, record: &MembershipRecord) -> Result<Value, ApiError> {
+    let mut events = Vec::new();
+    for kind in ["m.room.create", "m.room.join_rules", "m.room.name", "m.room.avatar", "m.room.canonical_alias", "m.room.encryption", "m.room.topic"] {
+        if let Some(pdu) = state.rooms.current_state_pdu(room_id, kind, "")? {
+            events.push(pdu.to_stripped());
+        }
+    }
+    if let Some(invite) = state.rooms.pdu(&record.event_id)? {
+        if let Some(inviter) = state.rooms.current_state_pdu(room_id, "m.room.member", invite.sender.as_str())? {
+            events.push(inviter.to_stripped());
+        }
+        let mut stripped = invite.to_stripped();
+        stripped["event_id"] = json!(invite.event_id);
+        stripped["origin_server_ts"] = json!(invite.origin_server_ts);
+        events.push(stripped);
+    }
+    Ok(json!({"invite_state": {"events": events}}))
+}
+
+fn left_room(
+    state: &AppState,
+    auth: &Auth,
+    request: &SyncRequest,
+    room_id: &RoomId,
+    record: &MembershipRecord,
+    since: Option<u64>,
+) -> Result<Option<Value>, ApiError> {
+    let filter = &request.filter;
+    let limit = timeline_limit(state, &filter.room.timeline);
+    let timeline = timeline(state, room_id, since, record.position, limit, &filter.room.timeline)?;
+    let state_events = state_section(state, auth, filter, &timeline, since, room_id, record.position, request.full_state)?;
+    Ok(Some(json!({
+        "timeline": {
+            "events": render(state, auth, &timeline.events)?,
+            "limited": timeline.limited,
+            "prev_batch": token(timeline.prev_batch),
+        },
+        "state": {"events": state_events},
+        "account_data": {"events": []},
+    })))
+}
+
+/// Notification and highlight counts after the user's read receipt, following what the
+/// default push rules notify for: messages, encrypted events and stickers from others (not
+/// notices), highlighted when they mention the user.
+fn unread_counts(state: &AppState, user_id: &UserId, room_id: &RoomId, upper: u64) -> Result<(u64, u64), ApiError> {
+    let mut read_position = 0;
+    for receipt_type in ["m.read", "m.read.private"] {
+        if let Some(receipt) = state.ephemeral.receipt(room_id, user_id, receipt_type)?
+            && let Some(meta) = state.rooms.meta(&receipt.event_id)?
+        {
+            read_position = read_position.max(meta.position);
+        }
+    }
+    let display_name = state
+        .rooms
+        .current_state_content(room_id, "m.room.member", user_id.as_str())?
+        .and_then(|content| content.get("displayname").and_then(Value::as_str).map(str::to_owned));
+    let events = state.rooms.timeline(room_id, read_position, Some(upper), Direction::Forward, 1000)?;
+    let (mut notifications, mut highlights) = (0, 0);
+    for (_, event_id) in events {
+        let Some(pdu) = state.rooms.pdu(&event_id)? else { continue };
+        if pdu.sender == user_id {
+            // Sending implies having read everything before.
+            notifications = 0;
+            highlights = 0;
+            continue;
+        }
+        let kind = pdu.kind.to_string();
+        if !matches!(kind.as_str(), "m.room.message" | "m.room.encrypted" | "m.sticker") {
+            continue;
+        }
+        let content = pdu.content_value();
+        if content.get("msgtype").and_then(Value::as_str) == Some("m.notice") {
+            continue;
+        }
+        if content.get("m.relates_to").and_then(|relation| relation.get("rel_type")).and_then(Value::as_str)
+            == Some("m.replace")
+        {
+            continue;
+        }
+        notifications += 1;
+        let mentioned = content
+            .get("m.mentions")
+            .and_then(|mentions| mentions.get("user_ids"))
+            .and_then(Value::as_array)
+            .is_some_and(|ids| ids.iter().any(|id| id.as_str() == Some(user_id.as_str())));
+        let body = content.get("body").and_then(Value::as_str).unwrap_or("");
+        let named = display_name.as_deref().is_some_and(|name| !name.is_empty() && body.contains(name))
+            || body.contains(user_id.localpart());
+        if mentioned || (content.get("m.mentions").is_none() && named) {
+            highlights += 1;
+        }
+    }
+    Ok((notifications, highlights))
+}
