@@ -2,7 +2,7 @@
 //!
 //! [Creation](https://spec.matrix.org/v1.16/client-server-api/#creation)
 
-use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId};
+use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomVersionId, UserId};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -101,7 +101,11 @@ impl Rooms {
             }
             None => None,
         };
-        let room_id = OwnedRoomId::try_from(format!("!{}:{}", random_string(18), self.server_name()))
+        let rules = federation::signing::rules_for(&room_version)?;
+        let derived_room_id = rules.authorization.room_create_event_id_as_room_id;
+        // Version 12 rooms get their id from the create event; until it exists nobody can
+        // address the room, so the lock on a placeholder id is enough.
+        let mut room_id = OwnedRoomId::try_from(format!("!{}:{}", random_string(18), self.server_name()))
             .map_err(|error| RoomError::BadEvent(error.to_string()))?;
         let lock = self.room_lock(&room_id);
         let _guard = lock.lock().await;
@@ -123,7 +127,10 @@ impl Rooms {
 
         let mut create_content = request.creation_content.clone().unwrap_or_default();
         create_content.insert("room_version".into(), json!(room_version));
-        let rules = federation::signing::rules_for(&room_version)?;
+        let privileged_creators = rules.authorization.explicitly_privilege_room_creators;
+        if privileged_creators && preset == "trusted_private_chat" && !request.invite.is_empty() {
+            create_content.insert("additional_creators".into(), json!(request.invite));
+        }
         if rules.authorization.use_room_create_sender {
             create_content.remove("creator");
         } else {
@@ -141,8 +148,10 @@ impl Rooms {
         events.push(NewEvent::state("m.room.member", creator.as_str(), member));
 
         let mut users = Map::new();
-        users.insert(creator.to_string(), json!(100));
-        if preset == "trusted_private_chat" {
+        if !privileged_creators {
+            users.insert(creator.to_string(), json!(100));
+        }
+        if preset == "trusted_private_chat" && !privileged_creators {
             for invitee in &request.invite {
                 users.insert(invitee.to_string(), json!(100));
             }
@@ -206,9 +215,14 @@ impl Rooms {
                 json!({"topic": topic, "m.topic": {"m.text": [{"body": topic, "mimetype": "text/plain"}]}}),
             ));
         }
-        for event in events {
-            let sender = creator;
-            self.append_locked(&mut room, &room_id, sender, event, None)?;
+        for (index, event) in events.into_iter().enumerate() {
+            if index == 0 && derived_room_id {
+                let appended = self.append_locked(&mut room, None, creator, event, None)?;
+                room_id = OwnedRoomId::try_from(format!("!{}", &appended.event_id.as_str()[1..]))
+                    .map_err(|error| RoomError::BadEvent(error.to_string()))?;
+                continue;
+            }
+            self.append_locked(&mut room, Some(&room_id), creator, event, None)?;
         }
         if let Some(alias) = &alias {
             self.put_alias(alias, &room_id, creator)?;
@@ -227,21 +241,13 @@ impl Rooms {
         }
         Ok(CreatedRoom { room_id, alias })
     }
-
-    /// Whether `room_id` names a room created on this server.
-    pub fn is_local_room(&self, room_id: &RoomId) -> bool {
-        room_id.server_name() == Some(self.server_name().as_ref())
-    }
 }
 
-/// Room versions whose rooms this server can create: every stable version ruma knows whose
-/// room ids are `!opaque:server` (room version 12 derives them from the create event, which
-/// this server does not build yet).
+/// Room versions whose rooms this server can create: every stable version ruma knows.
 pub fn can_create(room_version: &RoomVersionId) -> bool {
-    room_version.rules().is_some_and(|rules| {
-        rules.room_id_format == ruma::room_version_rules::RoomIdFormatVersion::V1
-            && rules.disposition == ruma::room_version_rules::RoomVersionDisposition::Stable
-    })
+    room_version
+        .rules()
+        .is_some_and(|rules| rules.disposition == ruma::room_version_rules::RoomVersionDisposition::Stable)
 }
 
 /// The room versions this server can create, for `capabilities`.

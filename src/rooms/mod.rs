@@ -432,14 +432,17 @@ impl Rooms {
             return Ok(Appended { event_id, position });
         }
         let mut room = self.room(room_id)?.ok_or(RoomError::NotFound)?;
-        self.append_locked(&mut room, room_id, sender, event, transaction)
+        self.append_locked(&mut room, Some(room_id), sender, event, transaction)
     }
 
     /// Builds, authorizes and persists an event while the room lock is held.
+    ///
+    /// `room_id` is `None` only for the create event of a room version whose room id is derived
+    /// from that event (version 12 and later).
     fn append_locked(
         &self,
         room: &mut RoomRecord,
-        room_id: &RoomId,
+        room_id: Option<&RoomId>,
         sender: &UserId,
         event: NewEvent,
         transaction: Option<Transaction>,
@@ -458,11 +461,13 @@ impl Rooms {
         )
         .map_err(RoomError::BadEvent)?;
         let mut auth_events = Vec::new();
-        for (auth_kind, auth_key) in &auth_types {
-            if let Some(event_id) = self.current_state_event_id(room_id, &auth_kind.to_string(), auth_key)?
-                && !auth_events.contains(&event_id)
-            {
-                auth_events.push(event_id);
+        if let Some(room_id) = room_id {
+            for (auth_kind, auth_key) in &auth_types {
+                if let Some(event_id) = self.current_state_event_id(room_id, &auth_kind.to_string(), auth_key)?
+                    && !auth_events.contains(&event_id)
+                {
+                    auth_events.push(event_id);
+                }
             }
         }
         let reference = |event_id: &OwnedEventId| -> Result<Value, RoomError> {
@@ -480,7 +485,6 @@ impl Rooms {
         let auth_refs: Vec<Value> = auth_events.iter().map(reference).collect::<Result<_, _>>()?;
         let depth = room.depth + 1;
         let mut object = json!({
-            "room_id": room_id,
             "sender": sender,
             "origin_server_ts": MilliSecondsSinceUnixEpoch::now(),
             "type": event.kind,
@@ -489,6 +493,9 @@ impl Rooms {
             "auth_events": auth_refs,
             "depth": depth,
         });
+        if let Some(room_id) = room_id {
+            object["room_id"] = json!(room_id);
+        }
         if rules.redaction.keep_origin_membership_prev_state {
             object["origin"] = json!(self.server_name());
         }
@@ -509,6 +516,7 @@ impl Rooms {
         };
         let event_id = self.inner.signing_key.hash_and_sign_pdu(&mut canonical, &version)?;
         let pdu = Pdu::from_json(event_id.clone(), canonical)?;
+        let room_id: &RoomId = &pdu.room_id.clone();
 
         ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |id| {
             self.pdu(id).ok().flatten()
@@ -753,15 +761,27 @@ impl Rooms {
     /// The room's power levels, with the spec's defaults when there is no event.
     pub fn power_levels(&self, room_id: &RoomId) -> Result<PowerLevels, RoomError> {
         let content = self.current_state_content(room_id, "m.room.power_levels", "")?;
-        let creators = self.creators(room_id)?;
-        Ok(PowerLevels { content, creators })
+        let (creators, creators_privileged) = self.creators(room_id)?;
+        Ok(PowerLevels { content, creators, creators_privileged })
     }
 
-    fn creators(&self, room_id: &RoomId) -> Result<Vec<OwnedUserId>, RoomError> {
-        Ok(self
-            .current_state_pdu(room_id, "m.room.create", "")?
-            .map(|create| vec![create.sender])
-            .unwrap_or_default())
+    /// The room's creators: the create event's sender, plus `additional_creators` in room
+    /// versions that privilege creators (12 and later).
+    fn creators(&self, room_id: &RoomId) -> Result<(Vec<OwnedUserId>, bool), RoomError> {
+        let Some(create) = self.current_state_pdu(room_id, "m.room.create", "")? else {
+            return Ok((Vec::new(), false));
+        };
+        let privileged = self
+            .room(room_id)?
+            .and_then(|room| room.room_version.rules())
+            .is_some_and(|rules| rules.authorization.explicitly_privilege_room_creators);
+        let mut creators = vec![create.sender.clone()];
+        if privileged
+            && let Some(additional) = create.content_value().get("additional_creators").and_then(Value::as_array)
+        {
+            creators.extend(additional.iter().filter_map(|user| OwnedUserId::try_from(user.as_str()?).ok()));
+        }
+        Ok((creators, privileged))
     }
 
     /// Marks a room forgotten for a user who is no longer in it.
@@ -791,6 +811,8 @@ impl Rooms {
 pub struct PowerLevels {
     content: Option<Value>,
     creators: Vec<OwnedUserId>,
+    /// Room version 12 and later: creators outrank everyone.
+    creators_privileged: bool,
 }
 
 impl PowerLevels {
@@ -805,6 +827,9 @@ impl PowerLevels {
 
     /// A user's level.
     pub fn user_level(&self, user_id: &UserId) -> i64 {
+        if self.creators_privileged && self.creators.iter().any(|creator| creator == user_id) {
+            return i64::MAX;
+        }
         match &self.content {
             Some(content) => content
                 .get("users")

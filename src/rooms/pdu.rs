@@ -47,7 +47,8 @@ pub struct PduError(pub String);
 
 #[derive(Deserialize)]
 struct Fields {
-    room_id: OwnedRoomId,
+    #[serde(default)]
+    room_id: Option<OwnedRoomId>,
     sender: OwnedUserId,
     origin_server_ts: MilliSecondsSinceUnixEpoch,
     #[serde(rename = "type")]
@@ -92,9 +93,18 @@ impl Pdu {
             }
             serde_json::from_str::<Redacts>(fields.content.get()).ok().and_then(|content| content.redacts)
         });
+        // Since room version 12 the create event has no room id: the room id is derived from it.
+        let room_id = match fields.room_id {
+            Some(room_id) => room_id,
+            None if fields.kind == TimelineEventType::RoomCreate => {
+                OwnedRoomId::try_from(format!("!{}", &event_id.as_str()[1..]))
+                    .map_err(|error| PduError(format!("room id from create event: {error}")))?
+            }
+            None => return Err(PduError("missing room_id".into())),
+        };
         Ok(Self {
             event_id,
-            room_id: fields.room_id,
+            room_id,
             sender: fields.sender,
             origin_server_ts: fields.origin_server_ts,
             kind: fields.kind,
@@ -203,7 +213,8 @@ impl ruma::state_res::Event for Pdu {
         &self.event_id
     }
     fn room_id(&self) -> Option<&RoomId> {
-        Some(&self.room_id)
+        // A version 12 create event carries no room id; its room id is derived from it.
+        self.json.contains_key("room_id").then_some(&*self.room_id)
     }
     fn sender(&self) -> &UserId {
         &self.sender
