@@ -25,6 +25,9 @@ struct Change {
     kind: String,
 }
 
+/// Room account data events by room id.
+pub type RoomAccountData = std::collections::BTreeMap<String, Vec<Value>>;
+
 /// The account data component.
 #[derive(Clone)]
 pub struct AccountData {
@@ -68,7 +71,7 @@ impl AccountData {
         &self,
         user_id: &UserId,
         since: Option<u64>,
-    ) -> Result<(Vec<Value>, std::collections::BTreeMap<String, Vec<Value>>), storage::Error> {
+    ) -> Result<(Vec<Value>, RoomAccountData), storage::Error> {
         let mut global = Vec::new();
         let mut rooms: std::collections::BTreeMap<String, Vec<Value>> = Default::default();
         let prefix = keys::prefix(&[user_id.as_bytes()]);

@@ -170,7 +170,7 @@ impl Accounts {
         let mut users = Vec::new();
         for (key, value) in self.db.scan_prefix(ACCOUNTS, b"")? {
             let (Ok(user_id), Ok(account)) = (
-                UserId::parse(String::from_utf8_lossy(&key).into_owned()),
+                UserId::parse(String::from_utf8_lossy(&key).as_ref()),
                 serde_json::from_slice::<Account>(&value),
             ) else {
                 continue;

@@ -174,7 +174,7 @@ impl Rooms {
             "ban": 50,
             "kick": 50,
             "redact": 50,
-            "invite": if preset == "public_chat" { 0 } else { 0 },
+            "invite": 0,
             "historical": 100,
             "notifications": {"room": 50},
         });

@@ -6,7 +6,6 @@
 
 use axum::{
     Json, Router,
-    body::Bytes,
     extract::State,
     routing::{get, post, put},
 };
@@ -19,7 +18,7 @@ use crate::{
     api::{
         AppState,
         error::{ApiError, ApiResult},
-        extract::{Auth, Body, PathIds, Query, parse_json},
+        extract::{Auth, Body, PathIds, Query},
     },
     rooms::{NewEvent, Transaction, create::CreateRoom},
 };
@@ -32,6 +31,11 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/client/v3/rooms/{roomId}/state", get(get_state))
         .route(
             "/_matrix/client/v3/rooms/{roomId}/state/{eventType}",
+            get(get_state_event_empty_key).put(send_state_event_empty_key),
+        )
+        // The trailing slash of an empty state key is optional.
+        .route(
+            "/_matrix/client/v3/rooms/{roomId}/state/{eventType}/",
             get(get_state_event_empty_key).put(send_state_event_empty_key),
         )
         .route(
@@ -68,9 +72,8 @@ fn room_id_for_send(state: &AppState, path: &PathIds) -> Result<OwnedRoomId, Api
 }
 
 /// `PUT /_matrix/client/v3/rooms/{roomId}/send/{eventType}/{txnId}`
-async fn send_message_event(State(state): State<AppState>, auth: Auth, path: PathIds, body: Bytes) -> ApiResult {
+async fn send_message_event(State(state): State<AppState>, auth: Auth, path: PathIds, Body(content): Body<Value>) -> ApiResult {
     let room_id = room_id_for_send(&state, &path)?;
-    let content: Value = parse_json(&body)?;
     let kind = path.get("eventType")?.to_owned();
     let transaction = Transaction { device_id: auth.device_id.to_string(), txn_id: path.get("txnId")?.to_owned() };
     let appended =
@@ -78,9 +81,8 @@ async fn send_message_event(State(state): State<AppState>, auth: Auth, path: Pat
     Ok(Json(json!({"event_id": appended.event_id})))
 }
 
-async fn send_state(state: &AppState, auth: &Auth, path: &PathIds, state_key: &str, body: &Bytes) -> ApiResult {
+async fn send_state(state: &AppState, auth: &Auth, path: &PathIds, state_key: &str, content: Value) -> ApiResult {
     let room_id = room_id_for_send(state, path)?;
-    let content: Value = parse_json(body)?;
     let kind = path.get("eventType")?.to_owned();
     if let Some(current) = state.rooms.current_state_pdu(&room_id, &kind, state_key)?
         && current.content_value() == content
@@ -119,14 +121,19 @@ fn check_canonical_alias(state: &AppState, room_id: &OwnedRoomId, content: &Valu
 }
 
 /// `PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}/{stateKey}`
-async fn send_state_event(State(state): State<AppState>, auth: Auth, path: PathIds, body: Bytes) -> ApiResult {
+async fn send_state_event(State(state): State<AppState>, auth: Auth, path: PathIds, Body(content): Body<Value>) -> ApiResult {
     let state_key = path.get("stateKey")?.to_owned();
-    send_state(&state, &auth, &path, &state_key, &body).await
+    send_state(&state, &auth, &path, &state_key, content).await
 }
 
 /// `PUT /_matrix/client/v3/rooms/{roomId}/state/{eventType}`
-async fn send_state_event_empty_key(State(state): State<AppState>, auth: Auth, path: PathIds, body: Bytes) -> ApiResult {
-    send_state(&state, &auth, &path, "", &body).await
+async fn send_state_event_empty_key(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(content): Body<Value>,
+) -> ApiResult {
+    send_state(&state, &auth, &path, "", content).await
 }
 
 /// `GET /_matrix/client/v3/rooms/{roomId}/state`
