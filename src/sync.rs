@@ -7,7 +7,11 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use ruma::{OwnedEventId, OwnedUserId, RoomId, UserId};
+use ruma::{
+    OwnedEventId, OwnedUserId, RoomId, UInt, UserId,
+    push::{Action, PushConditionRoomCtx, Ruleset},
+    serde::Raw,
+};
 use serde_json::{Map, Value, json};
 use tracing::instrument;
 
@@ -57,7 +61,7 @@ pub async fn sync(state: &AppState, auth: &Auth, request: SyncRequest) -> Result
     loop {
         receiver.borrow_and_update();
         let position = state.rooms.position();
-        let (response, changed) = build(state, auth, &request, position)?;
+        let (response, changed) = build(state, auth, &request, position).await?;
         if changed || request.since.is_none() || request.full_state || request.since.is_some_and(|since| since > position) {
             return Ok(response);
         }
@@ -72,7 +76,8 @@ pub async fn sync(state: &AppState, auth: &Auth, request: SyncRequest) -> Result
     }
 }
 
-fn build(state: &AppState, auth: &Auth, request: &SyncRequest, position: u64) -> Result<(Value, bool), ApiError> {
+async fn build(state: &AppState, auth: &Auth, request: &SyncRequest, position: u64) -> Result<(Value, bool), ApiError> {
+    let ruleset = user_ruleset(state, &auth.user_id)?;
     let user_id = &auth.user_id;
     let since = request.since;
     let filter = &request.filter;
@@ -96,7 +101,7 @@ fn build(state: &AppState, auth: &Auth, request: &SyncRequest, position: u64) ->
                 }
                 let room_since = if newly { None } else { since };
                 let data = room_data.remove(room_id.as_str()).unwrap_or_default();
-                if let Some(room) = joined_room(state, auth, request, &room_id, room_since, position, data)? {
+                if let Some(room) = joined_room(state, auth, request, &room_id, room_since, position, data, &ruleset).await? {
                     join.insert(room_id.to_string(), room);
                 }
             }
@@ -243,7 +248,8 @@ fn render(state: &AppState, auth: &Auth, events: &[(Pdu, EventMeta)]) -> Result<
         .collect()
 }
 
-fn joined_room(
+#[allow(clippy::too_many_arguments)] // The room, the window and what to render it with.
+async fn joined_room(
     state: &AppState,
     auth: &Auth,
     request: &SyncRequest,
@@ -251,6 +257,7 @@ fn joined_room(
     room_since: Option<u64>,
     upper: u64,
     account_data: Vec<Value>,
+    ruleset: &Ruleset,
 ) -> Result<Option<Value>, ApiError> {
     let filter = &request.filter;
     let limit = timeline_limit(state, &filter.room.timeline);
@@ -277,7 +284,7 @@ fn joined_room(
     {
         return Ok(None);
     }
-    let (notification_count, highlight_count) = unread_counts(state, &auth.user_id, room_id, upper)?;
+    let (notification_count, highlight_count) = unread_counts(state, &auth.user_id, room_id, upper, ruleset).await?;
     let members = state.rooms.members(room_id)?;
     let joined = members.iter().filter(|(_, record)| record.membership == "join").count();
     let invited = members.iter().filter(|(_, record)| record.membership == "invite").count();
@@ -350,10 +357,26 @@ fn left_room(
     })))
 }
 
-/// Notification and highlight counts after the user's read receipt, following what the
-/// default push rules notify for: messages, encrypted events and stickers from others (not
-/// notices), highlighted when they mention the user.
-fn unread_counts(state: &AppState, user_id: &UserId, room_id: &RoomId, upper: u64) -> Result<(u64, u64), ApiError> {
+/// The user's push rules: stored as `m.push_rules` account data, else the server default.
+fn user_ruleset(state: &AppState, user_id: &UserId) -> Result<Ruleset, ApiError> {
+    if let Some(stored) = state.account_data.get(user_id, None, "m.push_rules")?
+        && let Some(global) = stored.get("global")
+        && let Ok(ruleset) = serde_json::from_value::<Ruleset>(global.clone())
+    {
+        return Ok(ruleset);
+    }
+    Ok(Ruleset::server_default(user_id))
+}
+
+/// Notification and highlight counts of the events after the user's read receipt, as the
+/// user's push rules (by default the server-default ruleset) decide for each event.
+async fn unread_counts(
+    state: &AppState,
+    user_id: &UserId,
+    room_id: &RoomId,
+    upper: u64,
+    ruleset: &Ruleset,
+) -> Result<(u64, u64), ApiError> {
     let mut read_position = 0;
     for receipt_type in ["m.read", "m.read.private"] {
         if let Some(receipt) = state.ephemeral.receipt(room_id, user_id, receipt_type)?
@@ -365,7 +388,15 @@ fn unread_counts(state: &AppState, user_id: &UserId, room_id: &RoomId, upper: u6
     let display_name = state
         .rooms
         .current_state_content(room_id, "m.room.member", user_id.as_str())?
-        .and_then(|content| content.get("displayname").and_then(Value::as_str).map(str::to_owned));
+        .and_then(|content| content.get("displayname").and_then(Value::as_str).map(str::to_owned))
+        .unwrap_or_else(|| user_id.localpart().to_owned());
+    let member_count = state.rooms.joined_members(room_id)?.len() as u64;
+    let context = PushConditionRoomCtx::new(
+        room_id.to_owned(),
+        UInt::try_from(member_count).unwrap_or_default(),
+        user_id.to_owned(),
+        display_name,
+    );
     let events = state.rooms.timeline(room_id, read_position, Some(upper), Direction::Forward, 1000)?;
     let (mut notifications, mut highlights) = (0, 0);
     for (_, event_id) in events {
@@ -376,30 +407,15 @@ fn unread_counts(state: &AppState, user_id: &UserId, room_id: &RoomId, upper: u6
             highlights = 0;
             continue;
         }
-        let kind = pdu.kind.to_string();
-        if !matches!(kind.as_str(), "m.room.message" | "m.room.encrypted" | "m.sticker") {
-            continue;
-        }
-        let content = pdu.content_value();
-        if content.get("msgtype").and_then(Value::as_str) == Some("m.notice") {
-            continue;
-        }
-        if content.get("m.relates_to").and_then(|relation| relation.get("rel_type")).and_then(Value::as_str)
-            == Some("m.replace")
-        {
-            continue;
-        }
-        notifications += 1;
-        let mentioned = content
-            .get("m.mentions")
-            .and_then(|mentions| mentions.get("user_ids"))
-            .and_then(Value::as_array)
-            .is_some_and(|ids| ids.iter().any(|id| id.as_str() == Some(user_id.as_str())));
-        let body = content.get("body").and_then(Value::as_str).unwrap_or("");
-        let named = display_name.as_deref().is_some_and(|name| !name.is_empty() && body.contains(name))
-            || body.contains(user_id.localpart());
-        if mentioned || (content.get("m.mentions").is_none() && named) {
-            highlights += 1;
+        let rendered = state.rooms.client_event(&pdu, None, None)?;
+        let Ok(raw) = serde_json::value::to_raw_value(&rendered) else { continue };
+        let raw: Raw<Value> = Raw::from_json(raw);
+        let actions = ruleset.get_actions(&raw, &context).await;
+        if actions.iter().any(Action::should_notify) {
+            notifications += 1;
+            if actions.iter().any(Action::is_highlight) {
+                highlights += 1;
+            }
         }
     }
     Ok((notifications, highlights))
