@@ -44,6 +44,8 @@ pub struct SyncRequest {
     pub full_state: bool,
     /// How long to wait for something new.
     pub timeout: Duration,
+    /// Send `state_after` (state at the end of the timeline) instead of `state`.
+    pub use_state_after: bool,
 }
 
 /// Timeline events picked for a room.
@@ -241,6 +243,51 @@ fn state_section(
     Ok(events)
 }
 
+/// The room's state section: `state` (before the timeline) or, when the client asks with
+/// `use_state_after`, `state_after` (at the end of the timeline).
+fn room_state(
+    state: &AppState,
+    auth: &Auth,
+    request: &SyncRequest,
+    timeline: &Timeline,
+    room_since: Option<u64>,
+    room_id: &RoomId,
+    upper: u64,
+) -> Result<(&'static str, Vec<Value>), ApiError> {
+    if !request.use_state_after {
+        let events =
+            state_section(state, auth, &request.filter, timeline, room_since, room_id, upper, request.full_state)?;
+        return Ok(("state", events));
+    }
+    let at_end = state.rooms.state_at(state.rooms.snapshot_at_position(room_id, upper)?)?;
+    let wanted: BTreeMap<(String, String), OwnedEventId> = match room_since {
+        Some(since) if !request.full_state => {
+            let before = state.rooms.state_at(state.rooms.snapshot_at_position(room_id, since)?)?;
+            at_end.into_iter().filter(|(key, event_id)| before.get(key) != Some(event_id)).collect()
+        }
+        _ => at_end,
+    };
+    let filter = &request.filter.room.state;
+    let senders: Vec<&UserId> = timeline.events.iter().map(|(pdu, _)| pdu.sender.as_ref()).collect();
+    let mut events = Vec::new();
+    for ((kind, state_key), event_id) in wanted {
+        if filter.lazy_load_members
+            && kind == "m.room.member"
+            && state_key != auth.user_id.as_str()
+            && !senders.iter().any(|sender| sender.as_str() == state_key)
+        {
+            continue;
+        }
+        if let Some((pdu, _, value)) =
+            state.rooms.client_event_by_id(&event_id, Some((&auth.user_id, &auth.device_id)))?
+            && filter.allows_pdu(&pdu)
+        {
+            events.push(value);
+        }
+    }
+    Ok(("state_after", events))
+}
+
 fn render(state: &AppState, auth: &Auth, events: &[(Pdu, EventMeta)]) -> Result<Vec<Value>, ApiError> {
     events
         .iter()
@@ -262,7 +309,7 @@ async fn joined_room(
     let filter = &request.filter;
     let limit = timeline_limit(state, &filter.room.timeline);
     let timeline = timeline(state, room_id, room_since, upper, limit, &filter.room.timeline)?;
-    let state_events = state_section(state, auth, filter, &timeline, room_since, room_id, upper, request.full_state)?;
+    let (state_key, state_events) = room_state(state, auth, request, &timeline, room_since, room_id, upper)?;
     let mut ephemeral = Vec::new();
     if let Some(users) = state.ephemeral.typing(room_id, room_since) {
         ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": users}}));
@@ -306,7 +353,7 @@ async fn joined_room(
             "limited": timeline.limited,
             "prev_batch": token(timeline.prev_batch),
         },
-        "state": {"events": state_events},
+        state_key: {"events": state_events},
         "ephemeral": {"events": ephemeral},
         "account_data": {"events": account_data},
         "unread_notifications": {"notification_count": notification_count, "highlight_count": highlight_count},
@@ -345,14 +392,14 @@ fn left_room(
     let filter = &request.filter;
     let limit = timeline_limit(state, &filter.room.timeline);
     let timeline = timeline(state, room_id, since, record.position, limit, &filter.room.timeline)?;
-    let state_events = state_section(state, auth, filter, &timeline, since, room_id, record.position, request.full_state)?;
+    let (state_key, state_events) = room_state(state, auth, request, &timeline, since, room_id, record.position)?;
     Ok(Some(json!({
         "timeline": {
             "events": render(state, auth, &timeline.events)?,
             "limited": timeline.limited,
             "prev_batch": token(timeline.prev_batch),
         },
-        "state": {"events": state_events},
+        state_key: {"events": state_events},
         "account_data": {"events": []},
     })))
 }

@@ -40,6 +40,7 @@ struct SyncQuery {
     full_state: Option<String>,
     set_presence: Option<String>,
     timeout: Option<String>,
+    use_state_after: Option<String>,
 }
 
 /// Resolves the `filter` parameter: a stored filter id or inline JSON.
@@ -82,7 +83,13 @@ async fn sync_events(State(state): State<AppState>, auth: Auth, Query(query): Qu
         state.ephemeral.set_presence(&auth.user_id, presence, None)?;
     }
     let timeout = Duration::from_millis(timeout_ms.min(state.config.sync_timeout_max_ms));
-    let response = sync(&state, &auth, SyncRequest { filter, since, full_state, timeout }).await?;
+    let use_state_after = match query.use_state_after.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(ApiError::invalid_param("use_state_after must be true or false")),
+    };
+    let request = SyncRequest { filter, since, full_state, timeout, use_state_after };
+    let response = sync(&state, &auth, request).await?;
     Ok(Json(response))
 }
 
