@@ -104,6 +104,41 @@ impl Ephemeral {
         Ok(())
     }
 
+    /// When the next typing notification runs out, if any.
+    pub fn next_typing_expiry(&self) -> Option<Instant> {
+        let rooms = self.typing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        rooms.values().flat_map(|room| room.users.values().copied()).min()
+    }
+
+    /// Drops typing notifications that ran out, as a change `/sync` reports (so clients learn
+    /// that the user stopped typing even without an explicit stop).
+    pub fn expire_typing(&self) -> Result<(), storage::Error> {
+        let now = Instant::now();
+        let expired: Vec<OwnedRoomId> = {
+            let rooms = self.typing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            rooms
+                .iter()
+                .filter(|(_, room)| room.users.values().any(|expires| *expires <= now))
+                .map(|(room_id, _)| room_id.clone())
+                .collect()
+        };
+        if expired.is_empty() {
+            return Ok(());
+        }
+        let position = self.bump()?;
+        {
+            let mut rooms = self.typing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for room_id in expired {
+                if let Some(room) = rooms.get_mut(&room_id) {
+                    room.users.retain(|_, expires| *expires > now);
+                    room.position = position;
+                }
+            }
+        }
+        self.notifier.notify(position);
+        Ok(())
+    }
+
     /// The typing users of a room, and the position of the last change; `None` when nothing
     /// changed after `since`.
     pub fn typing(&self, room_id: &RoomId, since: Option<u64>) -> Option<Vec<OwnedUserId>> {

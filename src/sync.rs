@@ -67,13 +67,20 @@ pub async fn sync(state: &AppState, auth: &Auth, request: SyncRequest) -> Result
         if changed || request.since.is_none() || request.full_state || request.since.is_some_and(|since| since > position) {
             return Ok(response);
         }
+        let typing_expiry = state.ephemeral.next_typing_expiry().map(tokio::time::Instant::from_std);
+        let wake = typing_expiry.map_or(deadline, |expiry| expiry.min(deadline));
         tokio::select! {
             result = receiver.changed() => {
                 if result.is_err() {
                     return Ok(response);
                 }
             }
-            () = tokio::time::sleep_until(deadline) => return Ok(response),
+            () = tokio::time::sleep_until(wake) => {
+                if wake >= deadline {
+                    return Ok(response);
+                }
+                state.ephemeral.expire_typing()?;
+            }
         }
     }
 }
