@@ -127,10 +127,15 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let mut table: toml::Table =
             toml_text.parse().map_err(|error: toml::de::Error| ConfigError::Invalid(error.to_string()))?;
+        let defaults = toml::Table::try_from(Self::default()).unwrap_or_default();
         for field in Self::field_names() {
             let variable = env_name(&field);
             if let Some(value) = environment.get(&variable) {
-                table.insert(field.clone(), env_value(value));
+                // Numbers and booleans only where the field is one; everything else (tokens,
+                // room versions, names) stays text even when it looks like a number.
+                let typed = matches!(defaults.get(&field), Some(toml::Value::Integer(_) | toml::Value::Boolean(_)));
+                let value = if typed { env_value(value) } else { toml::Value::String(value.clone()) };
+                table.insert(field.clone(), value);
             }
         }
         let config: Self = table
@@ -227,6 +232,7 @@ mod tests {
                 ("HEARTH_REGISTRATION", "token"),
                 ("HEARTH_REGISTRATION_TOKEN", "secret"),
                 ("HEARTH_DATA_DIR", "/tmp/x"),
+                ("HEARTH_DEFAULT_ROOM_VERSION", "10"),
             ],
         )
         .unwrap();
@@ -236,6 +242,9 @@ mod tests {
         assert_eq!(config.registration_token.as_deref(), Some("secret"));
         assert_eq!(config.max_request_bytes, 5);
         assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(config.default_room_version, RoomVersionId::V10);
+        let numeric_token = check("", &[("HEARTH_REGISTRATION", "token"), ("HEARTH_REGISTRATION_TOKEN", "12345")]);
+        assert_eq!(numeric_token.unwrap().registration_token.as_deref(), Some("12345"));
     }
 
     #[test]

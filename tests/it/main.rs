@@ -3,7 +3,13 @@
 
 mod harness;
 
-mod basics;
+mod accounts;
+mod auth_rules;
 mod bad_input;
+mod basics;
 mod client_sdk;
+mod discovery;
+mod profile;
 mod restart;
+mod rooms;
+mod sync;

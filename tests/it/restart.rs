@@ -19,7 +19,15 @@ async fn everything_survives_a_restart() {
     let server = TestServer::start().await;
     let alice = server.register("alice").await;
     let bob = server.register("bob").await;
-    assert_ok(alice.client.put(&format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)), json!({"displayname": "Alice"})).await);
+    assert_ok(
+        alice
+            .client
+            .put(
+                &format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)),
+                json!({"displayname": "Alice"}),
+            )
+            .await,
+    );
     let room_id = alice.create_room(json!({"preset": "public_chat", "name": "Persistent", "room_alias_name": "persist", "topic": "kept"})).await;
     bob.join(&room_id).await;
     let mut sent = Vec::new();
@@ -29,11 +37,18 @@ async fn everything_survives_a_restart() {
         sent.push(format!("{name} {index}"));
         sent_ids.push(sender.send_text(&room_id, &format!("{name} {index}")).await);
     }
-    let private = alice.create_room(json!({"preset": "private_chat", "invite": [bob.user_id]})).await;
+    let private =
+        alice.create_room(json!({"preset": "private_chat", "invite": [bob.user_id]})).await;
     assert_ok(
         alice
             .client
-            .put(&format!("/_matrix/client/v3/user/{}/account_data/org.example.settings", enc(&alice.user_id)), json!({"theme": "dark"}))
+            .put(
+                &format!(
+                    "/_matrix/client/v3/user/{}/account_data/org.example.settings",
+                    enc(&alice.user_id)
+                ),
+                json!({"theme": "dark"}),
+            )
             .await,
     );
     // Bob's client is fully caught up before the restart.
@@ -42,21 +57,38 @@ async fn everything_survives_a_restart() {
     let since = caught_up["next_batch"].as_str().unwrap().to_owned();
     let alice_since = alice.sync(None, 0).await["next_batch"].as_str().unwrap().to_owned();
 
+    let data_dir = server.data_dir.clone();
     let temp = server.stop().await.expect("temp dir handed back");
-    let server = TestServer::start_in(temp.path().to_path_buf(), &[]).await;
+    assert_eq!(temp.path(), data_dir);
+    let server = TestServer::start_in(data_dir.clone(), &[]).await;
     let alice = on(&server, &alice);
     let bob = on(&server, &bob);
 
     // Access tokens.
     let whoami = assert_ok(alice.client.get("/_matrix/client/v3/account/whoami").await);
-    assert_eq!((whoami["user_id"].as_str(), whoami["device_id"].as_str()), (Some(alice.user_id.as_str()), Some(alice.device_id.as_str())));
-    assert_eq!(assert_ok(bob.client.get("/_matrix/client/v3/account/whoami").await)["user_id"], bob.user_id);
+    assert_eq!(
+        (whoami["user_id"].as_str(), whoami["device_id"].as_str()),
+        (Some(alice.user_id.as_str()), Some(alice.device_id.as_str()))
+    );
+    assert_eq!(
+        assert_ok(bob.client.get("/_matrix/client/v3/account/whoami").await)["user_id"],
+        bob.user_id
+    );
     // Accounts: password login still works, and the profile.
     let login = json!({"type": "m.login.password", "identifier": {"type": "m.id.user", "user": "alice"}, "password": "secret-password"});
     assert_ok(server.client().post("/_matrix/client/v3/login", login).await);
     let devices = assert_ok(alice.client.get("/_matrix/client/v3/devices").await);
-    assert!(devices["devices"].as_array().unwrap().iter().any(|device| device["device_id"] == alice.device_id), "{devices}");
-    let profile = assert_ok(server.client().get(&format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id))).await);
+    assert!(
+        devices["devices"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|device| device["device_id"] == alice.device_id),
+        "{devices}"
+    );
+    let profile = assert_ok(
+        server.client().get(&format!("/_matrix/client/v3/profile/{}", enc(&alice.user_id))).await,
+    );
     assert_eq!(profile["displayname"], "Alice");
     // Registration knows the names are taken.
     let answer = server.client().get("/_matrix/client/v3/register/available?username=bob").await;
@@ -64,11 +96,21 @@ async fn everything_survives_a_restart() {
     // Rooms, state and aliases.
     let joined = assert_ok(bob.client.get("/_matrix/client/v3/joined_rooms").await);
     assert!(joined["joined_rooms"].as_array().unwrap().contains(&json!(room_id)), "{joined}");
-    let name = assert_ok(bob.client.get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.name", enc(&room_id))).await);
+    let name = assert_ok(
+        bob.client
+            .get(&format!("/_matrix/client/v3/rooms/{}/state/m.room.name", enc(&room_id)))
+            .await,
+    );
     assert_eq!(name["name"], "Persistent");
-    let alias = assert_ok(bob.client.get(&format!("/_matrix/client/v3/directory/room/{}", enc("#persist:localhost"))).await);
+    let alias = assert_ok(
+        bob.client
+            .get(&format!("/_matrix/client/v3/directory/room/{}", enc("#persist:localhost")))
+            .await,
+    );
     assert_eq!(alias["room_id"], room_id);
-    let members = assert_ok(bob.client.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room_id))).await);
+    let members = assert_ok(
+        bob.client.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&room_id))).await,
+    );
     assert_eq!(members["joined"].as_object().unwrap().len(), 2);
     // History.
     let messages = bob.messages(&room_id, "dir=f&limit=100").await;
@@ -76,12 +118,20 @@ async fn everything_survives_a_restart() {
     let messages = bob.messages(&room_id, "dir=b&limit=5").await;
     let mut newest: Vec<String> = sent.iter().rev().take(5).cloned().collect();
     assert_eq!(bodies(messages["chunk"].as_array().unwrap()), newest);
-    let older = bob.messages(&room_id, &format!("dir=b&limit=5&from={}", messages["end"].as_str().unwrap())).await;
+    let older = bob
+        .messages(&room_id, &format!("dir=b&limit=5&from={}", messages["end"].as_str().unwrap()))
+        .await;
     newest = sent.iter().rev().skip(5).take(5).cloned().collect();
     assert_eq!(bodies(older["chunk"].as_array().unwrap()), newest);
     // Account data.
     let data = assert_ok(
-        alice.client.get(&format!("/_matrix/client/v3/user/{}/account_data/org.example.settings", enc(&alice.user_id))).await,
+        alice
+            .client
+            .get(&format!(
+                "/_matrix/client/v3/user/{}/account_data/org.example.settings",
+                enc(&alice.user_id)
+            ))
+            .await,
     );
     assert_eq!(data["theme"], "dark");
     // The invite is still pending.
@@ -93,7 +143,8 @@ async fn everything_survives_a_restart() {
     assert!(timeline(&quiet, &room_id).is_empty(), "old events returned again: {quiet}");
     // New events after the restart get new positions: only they come back.
     let new_event = alice.send_text(&room_id, "after restart").await;
-    let incremental = bob.sync_until(Some(since.clone()), |sync| !timeline(sync, &room_id).is_empty()).await;
+    let incremental =
+        bob.sync_until(Some(since.clone()), |sync| !timeline(sync, &room_id).is_empty()).await;
     let events = timeline(&incremental, &room_id);
     assert_eq!(bodies(events), vec!["after restart".to_owned()], "{incremental}");
     assert_eq!(events[0]["event_id"], new_event);
@@ -117,11 +168,17 @@ async fn everything_survives_a_restart() {
     drop(alice);
     drop(bob);
     assert!(server.stop().await.is_none());
-    let server = TestServer::start_in(temp.path().to_path_buf(), &[]).await;
+    let server = TestServer::start_in(data_dir, &[]).await;
     let alice = server.client().with_token(&alice_token);
-    let messages = assert_ok(alice.get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1", enc(&room_id))).await);
+    let messages = assert_ok(
+        alice
+            .get(&format!("/_matrix/client/v3/rooms/{}/messages?dir=b&limit=1", enc(&room_id)))
+            .await,
+    );
     assert_eq!(messages["chunk"][0]["content"]["body"], "after restart");
-    let members = assert_ok(alice.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&private))).await);
+    let members = assert_ok(
+        alice.get(&format!("/_matrix/client/v3/rooms/{}/joined_members", enc(&private))).await,
+    );
     assert_eq!(members["joined"].as_object().unwrap().len(), 2);
     server.stop().await;
 }
@@ -132,9 +189,59 @@ async fn logged_out_tokens_stay_dead_after_a_restart() {
     let alice = server.register("alice").await;
     let token = alice.client.access_token().to_owned();
     assert_ok(alice.client.post("/_matrix/client/v3/logout", json!({})).await);
-    let temp = server.stop().await.expect("temp dir");
-    let server = TestServer::start_in(temp.path().to_path_buf(), &[]).await;
+    let data_dir = server.data_dir.clone();
+    let _temp = server.stop().await.expect("temp dir");
+    let server = TestServer::start_in(data_dir, &[]).await;
     let answer = server.client().with_token(&token).get("/_matrix/client/v3/account/whoami").await;
     assert_eq!((answer.0, answer.1["errcode"].as_str()), (401, Some("M_UNKNOWN_TOKEN")));
+    server.stop().await;
+}
+
+/// Stopping the server does not wait for clients' long polls to run out: a `/sync` that is
+/// waiting is answered (or cut) and the server stops, then restarts on the same data.
+#[tokio::test]
+async fn stop_does_not_wait_for_long_polls() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let room_id = alice.create_room(json!({})).await;
+    let since = alice.sync(None, 0).await["next_batch"].as_str().expect("next_batch").to_owned();
+    let presence = format!("/_matrix/client/v3/presence/{}/status", enc(&alice.user_id));
+    assert_ok(alice.client.put(&presence, json!({"presence": "online"})).await);
+    // The long poll flips the presence (observable) but filters presence out, so that change
+    // does not end it.
+    let filter =
+        enc(&json!({"presence": {"not_types": ["*"]}, "account_data": {"not_types": ["*"]}})
+            .to_string());
+    let waiting = {
+        let client = alice.client.clone();
+        tokio::spawn(async move {
+            let path = format!(
+                "/_matrix/client/v3/sync?since={since}&timeout=55000&set_presence=unavailable&filter={filter}"
+            );
+            let request = client
+                .http
+                .get(format!("{}{path}", client.base_url))
+                .bearer_auth(client.access_token());
+            request.send().await.map(|response| response.status().as_u16())
+        })
+    };
+    // Wait until the long poll is under way.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+    while assert_ok(alice.client.get(&presence).await)["presence"] != "unavailable" {
+        assert!(tokio::time::Instant::now() < deadline, "sync never reached the server");
+        tokio::task::yield_now().await;
+    }
+    let data_dir = server.data_dir.clone();
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(20), server.stop()).await;
+    let _temp = stopped.expect("server stops without waiting for the 55 s long poll");
+    let outcome = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+        .await
+        .expect("the long poll is answered or cut when the server stops")
+        .expect("task");
+    assert!(matches!(&outcome, Err(_) | Ok(200)), "{outcome:?}");
+    let server = TestServer::start_in(data_dir, &[]).await;
+    let alice = server.client().with_token(alice.client.access_token());
+    let joined = assert_ok(alice.get("/_matrix/client/v3/joined_rooms").await);
+    assert_eq!(joined["joined_rooms"], json!([room_id]));
     server.stop().await;
 }
