@@ -105,6 +105,12 @@ impl Server {
             source,
         })?;
         tracing::info!(%address, server_name = %self.state.config.server_name, "serving");
+        let notifier = self.state.notifier.clone();
+        let shutdown = async move {
+            shutdown.await;
+            // Long polls answer at once instead of holding the shutdown up.
+            notifier.close();
+        };
         let app = api::router(self.state);
         let result = axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(shutdown)

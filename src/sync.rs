@@ -64,7 +64,7 @@ pub async fn sync(state: &AppState, auth: &Auth, request: SyncRequest) -> Result
         receiver.borrow_and_update();
         let position = state.rooms.position();
         let (response, changed) = build(state, auth, &request, position).await?;
-        if changed || request.since.is_none() || request.full_state || request.since.is_some_and(|since| since > position) {
+        if changed || state.notifier.is_closed() || request.since.is_none() || request.full_state || request.since.is_some_and(|since| since > position) {
             return Ok(response);
         }
         let typing_expiry = state.ephemeral.next_typing_expiry().map(tokio::time::Instant::from_std);
