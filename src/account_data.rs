@@ -47,7 +47,13 @@ impl AccountData {
     }
 
     /// Sets one entry.
-    pub fn set(&self, user_id: &UserId, room_id: Option<&RoomId>, kind: &str, content: Value) -> Result<(), storage::Error> {
+    pub fn set(
+        &self,
+        user_id: &UserId,
+        room_id: Option<&RoomId>,
+        kind: &str,
+        content: Value,
+    ) -> Result<(), storage::Error> {
         let key = Self::key(user_id, room_id, kind);
         let (position, ()) = self.db.write_at_next_position(|position, batch| {
             batch.put(DATA, &key, &Stored { content, position })?;
@@ -61,8 +67,16 @@ impl AccountData {
     }
 
     /// One entry.
-    pub fn get(&self, user_id: &UserId, room_id: Option<&RoomId>, kind: &str) -> Result<Option<Value>, storage::Error> {
-        Ok(self.db.get::<Stored>(DATA, &Self::key(user_id, room_id, kind))?.map(|stored| stored.content))
+    pub fn get(
+        &self,
+        user_id: &UserId,
+        room_id: Option<&RoomId>,
+        kind: &str,
+    ) -> Result<Option<Value>, storage::Error> {
+        Ok(self
+            .db
+            .get::<Stored>(DATA, &Self::key(user_id, room_id, kind))?
+            .map(|stored| stored.content))
     }
 
     /// Account data events for sync: global ones, and per room. Everything on an initial sync,
@@ -81,7 +95,10 @@ impl AccountData {
                 for (key, _) in self.db.scan_prefix(DATA, &prefix)? {
                     let parts = keys::split(&key[prefix.len()..]);
                     if let [room, kind] = parts.as_slice() {
-                        wanted.push((String::from_utf8_lossy(room).into_owned(), String::from_utf8_lossy(kind).into_owned()));
+                        wanted.push((
+                            String::from_utf8_lossy(room).into_owned(),
+                            String::from_utf8_lossy(kind).into_owned(),
+                        ));
                     }
                 }
             }

@@ -97,7 +97,10 @@ const FILTERS: &str = "user_filter_to_filter";
 
 /// Milliseconds since the epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|duration| duration.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|duration| duration.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// A random alphanumeric string.
@@ -216,7 +219,11 @@ impl Accounts {
     }
 
     /// Whether `password` is the user's password. Deactivated accounts never match.
-    pub async fn check_password(&self, user_id: &UserId, password: &str) -> Result<bool, AccountError> {
+    pub async fn check_password(
+        &self,
+        user_id: &UserId,
+        password: &str,
+    ) -> Result<bool, AccountError> {
         let Some(account) = self.account(user_id)? else { return Ok(false) };
         let Some(hash) = account.password_hash.filter(|_| !account.deactivated) else {
             return Ok(false);
@@ -224,7 +231,9 @@ impl Accounts {
         let password = password.to_owned();
         tokio::task::spawn_blocking(move || {
             PasswordHash::new(&hash)
-                .map(|parsed| Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok())
+                .map(|parsed| {
+                    Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok()
+                })
                 .unwrap_or(false)
         })
         .await
@@ -275,7 +284,8 @@ impl Accounts {
 
     /// Who a token belongs to, if anyone (deactivated users have no valid tokens).
     pub fn session_for_token(&self, token: &str) -> Result<Option<Session>, AccountError> {
-        let Some(mut session) = self.db.get::<Session>(SESSIONS, token_hash(token).as_bytes())? else {
+        let Some(mut session) = self.db.get::<Session>(SESSIONS, token_hash(token).as_bytes())?
+        else {
             return Ok(None);
         };
         let Some(account) = self.account(&session.user_id)? else { return Ok(None) };
@@ -299,7 +309,11 @@ impl Accounts {
     }
 
     /// One device.
-    pub fn device(&self, user_id: &UserId, device_id: &str) -> Result<Option<Device>, AccountError> {
+    pub fn device(
+        &self,
+        user_id: &UserId,
+        device_id: &str,
+    ) -> Result<Option<Device>, AccountError> {
         Ok(self.db.get(DEVICES, &keys::join(&[user_id.as_bytes(), device_id.as_bytes()]))?)
     }
 
@@ -333,7 +347,11 @@ impl Accounts {
     }
 
     /// Deletes all devices, except `keep` if given.
-    pub fn delete_all_devices(&self, user_id: &UserId, keep: Option<&str>) -> Result<(), AccountError> {
+    pub fn delete_all_devices(
+        &self,
+        user_id: &UserId,
+        keep: Option<&str>,
+    ) -> Result<(), AccountError> {
         for device in self.devices(user_id)? {
             if Some(device.device_id.as_str()) != keep {
                 self.delete_device(user_id, device.device_id.as_str())?;
@@ -354,7 +372,11 @@ impl Accounts {
     }
 
     /// Stores a sync filter and returns its id.
-    pub fn create_filter(&self, user_id: &UserId, filter: &serde_json::Value) -> Result<String, AccountError> {
+    pub fn create_filter(
+        &self,
+        user_id: &UserId,
+        filter: &serde_json::Value,
+    ) -> Result<String, AccountError> {
         let filter_id = random_string(12);
         let mut batch = self.db.batch();
         batch.put(FILTERS, &keys::join(&[user_id.as_bytes(), filter_id.as_bytes()]), filter)?;
@@ -363,7 +385,11 @@ impl Accounts {
     }
 
     /// A stored sync filter.
-    pub fn filter(&self, user_id: &UserId, filter_id: &str) -> Result<Option<serde_json::Value>, AccountError> {
+    pub fn filter(
+        &self,
+        user_id: &UserId,
+        filter_id: &str,
+    ) -> Result<Option<serde_json::Value>, AccountError> {
         Ok(self.db.get(FILTERS, &keys::join(&[user_id.as_bytes(), filter_id.as_bytes()]))?)
     }
 }
@@ -400,7 +426,10 @@ mod tests {
         assert!(stored.password_hash.unwrap().starts_with("$argon2"));
         assert!(accounts.check_password(&user_id, "secret").await.unwrap());
         assert!(!accounts.check_password(&user_id, "wrong").await.unwrap());
-        assert!(matches!(accounts.create(&user_id, None, false).await, Err(AccountError::UserInUse)));
+        assert!(matches!(
+            accounts.create(&user_id, None, false).await,
+            Err(AccountError::UserInUse)
+        ));
     }
 
     #[tokio::test]

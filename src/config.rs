@@ -125,16 +125,21 @@ impl Config {
         toml_text: &str,
         environment: &BTreeMap<String, String>,
     ) -> Result<Self, ConfigError> {
-        let mut table: toml::Table =
-            toml_text.parse().map_err(|error: toml::de::Error| ConfigError::Invalid(error.to_string()))?;
+        let mut table: toml::Table = toml_text
+            .parse()
+            .map_err(|error: toml::de::Error| ConfigError::Invalid(error.to_string()))?;
         let defaults = toml::Table::try_from(Self::default()).unwrap_or_default();
         for field in Self::field_names() {
             let variable = env_name(&field);
             if let Some(value) = environment.get(&variable) {
                 // Numbers and booleans only where the field is one; everything else (tokens,
                 // room versions, names) stays text even when it looks like a number.
-                let typed = matches!(defaults.get(&field), Some(toml::Value::Integer(_) | toml::Value::Boolean(_)));
-                let value = if typed { env_value(value) } else { toml::Value::String(value.clone()) };
+                let typed = matches!(
+                    defaults.get(&field),
+                    Some(toml::Value::Integer(_) | toml::Value::Boolean(_))
+                );
+                let value =
+                    if typed { env_value(value) } else { toml::Value::String(value.clone()) };
                 table.insert(field.clone(), value);
             }
         }
@@ -164,7 +169,8 @@ impl Config {
             && self.registration_token.as_deref().is_none_or(str::is_empty)
         {
             return Err(ConfigError::Invalid(
-                "registration = \"token\" needs registration_token (HEARTH_REGISTRATION_TOKEN)".into(),
+                "registration = \"token\" needs registration_token (HEARTH_REGISTRATION_TOKEN)"
+                    .into(),
             ));
         }
         if self.default_room_version.rules().is_none() {
@@ -243,7 +249,8 @@ mod tests {
         assert_eq!(config.max_request_bytes, 5);
         assert_eq!(config.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(config.default_room_version, RoomVersionId::V10);
-        let numeric_token = check("", &[("HEARTH_REGISTRATION", "token"), ("HEARTH_REGISTRATION_TOKEN", "12345")]);
+        let numeric_token =
+            check("", &[("HEARTH_REGISTRATION", "token"), ("HEARTH_REGISTRATION_TOKEN", "12345")]);
         assert_eq!(numeric_token.unwrap().registration_token.as_deref(), Some("12345"));
     }
 
@@ -253,7 +260,11 @@ mod tests {
         assert!(names.len() >= 13, "{names:?}");
         let doc = include_str!("../docs/configuration.md");
         for name in names {
-            assert!(doc.contains(&env_name(&name)), "docs/configuration.md lacks {}", env_name(&name));
+            assert!(
+                doc.contains(&env_name(&name)),
+                "docs/configuration.md lacks {}",
+                env_name(&name)
+            );
         }
     }
 

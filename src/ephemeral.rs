@@ -145,8 +145,12 @@ impl Ephemeral {
         let rooms = self.typing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let room = rooms.get(room_id)?;
         let now = Instant::now();
-        let users: Vec<OwnedUserId> =
-            room.users.iter().filter(|(_, expires)| **expires > now).map(|(user, _)| user.clone()).collect();
+        let users: Vec<OwnedUserId> = room
+            .users
+            .iter()
+            .filter(|(_, expires)| **expires > now)
+            .map(|(user, _)| user.clone())
+            .collect();
         match since {
             Some(since) if room.position <= since => None,
             None if users.is_empty() => None,
@@ -164,7 +168,12 @@ impl Ephemeral {
         thread_id: Option<String>,
     ) -> Result<(), storage::Error> {
         let thread_key = thread_id.clone().unwrap_or_default();
-        let key = keys::join(&[room_id.as_bytes(), receipt_type.as_bytes(), user_id.as_bytes(), thread_key.as_bytes()]);
+        let key = keys::join(&[
+            room_id.as_bytes(),
+            receipt_type.as_bytes(),
+            user_id.as_bytes(),
+            thread_key.as_bytes(),
+        ]);
         let (position, ()) = self.db.write_at_next_position(|position, batch| {
             let receipt = Receipt {
                 receipt_type: receipt_type.to_owned(),
@@ -185,8 +194,14 @@ impl Ephemeral {
     }
 
     /// A user's own receipt of a type in a room (unthreaded or `main`).
-    pub fn receipt(&self, room_id: &RoomId, user_id: &UserId, receipt_type: &str) -> Result<Option<Receipt>, storage::Error> {
-        let prefix = keys::prefix(&[room_id.as_bytes(), receipt_type.as_bytes(), user_id.as_bytes()]);
+    pub fn receipt(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        receipt_type: &str,
+    ) -> Result<Option<Receipt>, storage::Error> {
+        let prefix =
+            keys::prefix(&[room_id.as_bytes(), receipt_type.as_bytes(), user_id.as_bytes()]);
         let mut newest: Option<Receipt> = None;
         for (_, value) in self.db.scan_prefix(RECEIPTS, &prefix)? {
             if let Ok(receipt) = serde_json::from_slice::<Receipt>(&value)
@@ -201,7 +216,12 @@ impl Ephemeral {
 
     /// The `m.receipt` event for a room as `viewer` sees it: all receipts on an initial sync,
     /// the changes after `since` otherwise. Private receipts are only shown to their owner.
-    pub fn receipt_event(&self, room_id: &RoomId, viewer: &UserId, since: Option<u64>) -> Result<Option<Value>, storage::Error> {
+    pub fn receipt_event(
+        &self,
+        room_id: &RoomId,
+        viewer: &UserId,
+        since: Option<u64>,
+    ) -> Result<Option<Value>, storage::Error> {
         let receipts: Vec<Receipt> = match since {
             None => self
                 .db
@@ -242,9 +262,19 @@ impl Ephemeral {
     }
 
     /// Sets a user's presence.
-    pub fn set_presence(&self, user_id: &UserId, presence: &str, status_msg: Option<String>) -> Result<(), storage::Error> {
+    pub fn set_presence(
+        &self,
+        user_id: &UserId,
+        presence: &str,
+        status_msg: Option<String>,
+    ) -> Result<(), storage::Error> {
         let (position, ()) = self.db.write_at_next_position(|position, batch| {
-            let record = Presence { presence: presence.to_owned(), status_msg, last_active_ts: now_ms(), position };
+            let record = Presence {
+                presence: presence.to_owned(),
+                status_msg,
+                last_active_ts: now_ms(),
+                position,
+            };
             batch.put(PRESENCE, user_id.as_bytes(), &record)
         })?;
         self.notifier.notify(position);
@@ -257,7 +287,11 @@ impl Ephemeral {
     }
 
     /// The `m.presence` event of a user, if it changed after `since`.
-    pub fn presence_event(&self, user_id: &UserId, since: Option<u64>) -> Result<Option<Value>, storage::Error> {
+    pub fn presence_event(
+        &self,
+        user_id: &UserId,
+        since: Option<u64>,
+    ) -> Result<Option<Value>, storage::Error> {
         let Some(presence) = self.presence(user_id)? else { return Ok(None) };
         if since.is_some_and(|since| presence.position <= since) {
             return Ok(None);

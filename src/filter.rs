@@ -104,7 +104,9 @@ fn matches_pattern_rest(pattern: &str, value: &str) -> bool {
     if pattern.is_empty() {
         return true;
     }
-    (0..=value.len()).filter(|index| value.is_char_boundary(*index)).any(|index| matches_pattern(pattern, &value[index..]))
+    (0..=value.len())
+        .filter(|index| value.is_char_boundary(*index))
+        .any(|index| matches_pattern(pattern, &value[index..]))
 }
 
 impl EventFilter {
@@ -173,7 +175,8 @@ mod tests {
     fn check(types: &[&str], not_types: &[&str], kind: &str, expected: bool) {
         let filter = EventFilter {
             types: (!types.is_empty()).then(|| types.iter().map(|t| t.to_string()).collect()),
-            not_types: (!not_types.is_empty()).then(|| not_types.iter().map(|t| t.to_string()).collect()),
+            not_types: (!not_types.is_empty())
+                .then(|| not_types.iter().map(|t| t.to_string()).collect()),
             ..EventFilter::default()
         };
         assert_eq!(filter.allows(kind, "@a:x"), expected, "{types:?} {not_types:?} {kind}");

@@ -65,10 +65,14 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve) {
         Command::Serve => serve(config).await,
         Command::User { command: UserCommand::Create { name, password, admin } } => {
-            let db = open_database(&config).context("opening the database (is the server running?)")?;
+            let db =
+                open_database(&config).context("opening the database (is the server running?)")?;
             let accounts = Accounts::new(db, config.server_name.clone());
             let user_id = accounts.user_id_for(&name)?;
-            accounts.create(&user_id, Some(&password), admin).await.context("creating the account")?;
+            accounts
+                .create(&user_id, Some(&password), admin)
+                .await
+                .context("creating the account")?;
             println!("created {user_id}{}", if admin { " (admin)" } else { "" });
             Ok(())
         }

@@ -53,7 +53,8 @@ pub struct Server {
 /// Opens the database of a config (also used by the `user` commands).
 pub fn open_database(config: &Config) -> Result<Db, ServerError> {
     let path = config.database_path();
-    Db::open(&path).map_err(|source| ServerError::Database { path: path.display().to_string(), source })
+    Db::open(&path)
+        .map_err(|source| ServerError::Database { path: path.display().to_string(), source })
 }
 
 impl Server {
@@ -68,7 +69,12 @@ impl Server {
         )?);
         let notifier = Notifier::new(db.position());
         let accounts = Accounts::new(db.clone(), config.server_name.clone());
-        let rooms = Rooms::new(db.clone(), signing_key.clone(), config.default_room_version.clone(), notifier.clone());
+        let rooms = Rooms::new(
+            db.clone(),
+            signing_key.clone(),
+            config.default_room_version.clone(),
+            notifier.clone(),
+        );
         let ephemeral = Ephemeral::new(db.clone(), notifier.clone());
         let account_data = AccountData::new(db.clone(), notifier.clone());
         let listener = TcpListener::bind(config.listen)
@@ -99,11 +105,14 @@ impl Server {
 
     /// Serves until `shutdown` resolves, then finishes in-flight requests and flushes the
     /// database.
-    pub async fn serve(self, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> Result<(), ServerError> {
-        let address = self.listener.local_addr().map_err(|source| ServerError::Listen {
-            address: self.state.config.listen,
-            source,
-        })?;
+    pub async fn serve(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
+        let address = self
+            .listener
+            .local_addr()
+            .map_err(|source| ServerError::Listen { address: self.state.config.listen, source })?;
         tracing::info!(%address, server_name = %self.state.config.server_name, "serving");
         let notifier = self.state.notifier.clone();
         let shutdown = async move {
@@ -112,10 +121,11 @@ impl Server {
             notifier.close();
         };
         let app = api::router(self.state);
-        let result = axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|source| ServerError::Listen { address, source });
+        let result =
+            axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(shutdown)
+                .await
+                .map_err(|source| ServerError::Listen { address, source });
         if let Err(error) = self.db.flush() {
             tracing::error!(%error, "flushing the database on shutdown");
         }

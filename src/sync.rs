@@ -64,10 +64,16 @@ pub async fn sync(state: &AppState, auth: &Auth, request: SyncRequest) -> Result
         receiver.borrow_and_update();
         let position = state.rooms.position();
         let (response, changed) = build(state, auth, &request, position).await?;
-        if changed || state.notifier.is_closed() || request.since.is_none() || request.full_state || request.since.is_some_and(|since| since > position) {
+        if changed
+            || state.notifier.is_closed()
+            || request.since.is_none()
+            || request.full_state
+            || request.since.is_some_and(|since| since > position)
+        {
             return Ok(response);
         }
-        let typing_expiry = state.ephemeral.next_typing_expiry().map(tokio::time::Instant::from_std);
+        let typing_expiry =
+            state.ephemeral.next_typing_expiry().map(tokio::time::Instant::from_std);
         let wake = typing_expiry.map_or(deadline, |expiry| expiry.min(deadline));
         tokio::select! {
             result = receiver.changed() => {
@@ -85,7 +91,12 @@ pub async fn sync(state: &AppState, auth: &Auth, request: SyncRequest) -> Result
     }
 }
 
-async fn build(state: &AppState, auth: &Auth, request: &SyncRequest, position: u64) -> Result<(Value, bool), ApiError> {
+async fn build(
+    state: &AppState,
+    auth: &Auth,
+    request: &SyncRequest,
+    position: u64,
+) -> Result<(Value, bool), ApiError> {
     let ruleset = user_ruleset(state, &auth.user_id)?;
     let user_id = &auth.user_id;
     let since = request.since;
@@ -110,7 +121,11 @@ async fn build(state: &AppState, auth: &Auth, request: &SyncRequest, position: u
                 }
                 let room_since = if newly { None } else { since };
                 let data = room_data.remove(room_id.as_str()).unwrap_or_default();
-                if let Some(room) = joined_room(state, auth, request, &room_id, room_since, position, data, &ruleset).await? {
+                if let Some(room) = joined_room(
+                    state, auth, request, &room_id, room_since, position, data, &ruleset,
+                )
+                .await?
+                {
                     join.insert(room_id.to_string(), room);
                 }
             }
@@ -120,7 +135,11 @@ async fn build(state: &AppState, auth: &Auth, request: &SyncRequest, position: u
                     invite.insert(room_id.to_string(), section);
                 }
             }
-            "leave" | "ban" if !record.forgotten && (since.is_some() && newly || since.is_none() && filter.room.include_leave) => {
+            "leave" | "ban"
+                if !record.forgotten
+                    && (since.is_some() && newly
+                        || since.is_none() && filter.room.include_leave) =>
+            {
                 if let Some(room) = left_room(state, auth, request, &room_id, &record, since)? {
                     leave.insert(room_id.to_string(), room);
                 }
@@ -139,9 +158,15 @@ async fn build(state: &AppState, auth: &Auth, request: &SyncRequest, position: u
     }
     let account_data: Vec<Value> = global_data
         .into_iter()
-        .filter(|event| filter.account_data.allows(event["type"].as_str().unwrap_or(""), user_id.as_str()))
+        .filter(|event| {
+            filter.account_data.allows(event["type"].as_str().unwrap_or(""), user_id.as_str())
+        })
         .collect();
-    let changed = !join.is_empty() || !invite.is_empty() || !leave.is_empty() || !presence.is_empty() || !account_data.is_empty();
+    let changed = !join.is_empty()
+        || !invite.is_empty()
+        || !leave.is_empty()
+        || !presence.is_empty()
+        || !account_data.is_empty();
     let response = json!({
         "next_batch": token(position),
         "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
@@ -175,7 +200,10 @@ fn timeline(
         }
         for (position, event_id) in &batch {
             cursor = *position;
-            let (Some(pdu), Some(meta)) = (state.rooms.pdu(event_id)?, state.rooms.meta(event_id)?) else { continue };
+            let (Some(pdu), Some(meta)) = (state.rooms.pdu(event_id)?, state.rooms.meta(event_id)?)
+            else {
+                continue;
+            };
             if !filter.allows_pdu(&pdu) {
                 continue;
             }
@@ -192,7 +220,11 @@ fn timeline(
 }
 
 fn timeline_limit(state: &AppState, filter: &EventFilter) -> usize {
-    filter.limit.map(|limit| limit as usize).unwrap_or(DEFAULT_TIMELINE_LIMIT).min(state.config.timeline_limit_max)
+    filter
+        .limit
+        .map(|limit| limit as usize)
+        .unwrap_or(DEFAULT_TIMELINE_LIMIT)
+        .min(state.config.timeline_limit_max)
 }
 
 /// The state section: what the client needs besides the timeline.
@@ -218,13 +250,18 @@ fn state_section(
                 return Ok(Vec::new());
             }
             let before = state.rooms.state_at(state.rooms.snapshot_at_position(room_id, since)?)?;
-            at_start.into_iter().filter(|(key, event_id)| before.get(key) != Some(event_id)).collect()
+            at_start
+                .into_iter()
+                .filter(|(key, event_id)| before.get(key) != Some(event_id))
+                .collect()
         }
         _ => at_start,
     };
     let lazy = filter.room.state.lazy_load_members;
-    let senders: Vec<&UserId> = timeline.events.iter().map(|(pdu, _)| pdu.sender.as_ref()).collect();
-    let in_timeline: Vec<&OwnedEventId> = timeline.events.iter().map(|(pdu, _)| &pdu.event_id).collect();
+    let senders: Vec<&UserId> =
+        timeline.events.iter().map(|(pdu, _)| pdu.sender.as_ref()).collect();
+    let in_timeline: Vec<&OwnedEventId> =
+        timeline.events.iter().map(|(pdu, _)| &pdu.event_id).collect();
     let mut events = Vec::new();
     for ((kind, state_key), event_id) in wanted {
         if in_timeline.contains(&&event_id) {
@@ -262,8 +299,16 @@ fn room_state(
     upper: u64,
 ) -> Result<(&'static str, Vec<Value>), ApiError> {
     if !request.use_state_after {
-        let events =
-            state_section(state, auth, &request.filter, timeline, room_since, room_id, upper, request.full_state)?;
+        let events = state_section(
+            state,
+            auth,
+            &request.filter,
+            timeline,
+            room_since,
+            room_id,
+            upper,
+            request.full_state,
+        )?;
         return Ok(("state", events));
     }
     let at_end = state.rooms.state_at(state.rooms.snapshot_at_position(room_id, upper)?)?;
@@ -275,7 +320,8 @@ fn room_state(
         _ => at_end,
     };
     let filter = &request.filter.room.state;
-    let senders: Vec<&UserId> = timeline.events.iter().map(|(pdu, _)| pdu.sender.as_ref()).collect();
+    let senders: Vec<&UserId> =
+        timeline.events.iter().map(|(pdu, _)| pdu.sender.as_ref()).collect();
     let mut events = Vec::new();
     for ((kind, state_key), event_id) in wanted {
         if filter.lazy_load_members
@@ -295,10 +341,16 @@ fn room_state(
     Ok(("state_after", events))
 }
 
-fn render(state: &AppState, auth: &Auth, events: &[(Pdu, EventMeta)]) -> Result<Vec<Value>, ApiError> {
+fn render(
+    state: &AppState,
+    auth: &Auth,
+    events: &[(Pdu, EventMeta)],
+) -> Result<Vec<Value>, ApiError> {
     events
         .iter()
-        .map(|(pdu, meta)| Ok(state.rooms.client_event(pdu, Some(meta), Some((&auth.user_id, &auth.device_id)))?))
+        .map(|(pdu, meta)| {
+            Ok(state.rooms.client_event(pdu, Some(meta), Some((&auth.user_id, &auth.device_id)))?)
+        })
         .collect()
 }
 
@@ -316,7 +368,8 @@ async fn joined_room(
     let filter = &request.filter;
     let limit = timeline_limit(state, &filter.room.timeline);
     let timeline = timeline(state, room_id, room_since, upper, limit, &filter.room.timeline)?;
-    let (state_key, state_events) = room_state(state, auth, request, &timeline, room_since, room_id, upper)?;
+    let (state_key, state_events) =
+        room_state(state, auth, request, &timeline, room_since, room_id, upper)?;
     let mut ephemeral = Vec::new();
     if let Some(users) = state.ephemeral.typing(room_id, room_since) {
         ephemeral.push(json!({"type": "m.typing", "content": {"user_ids": users}}));
@@ -324,10 +377,16 @@ async fn joined_room(
     if let Some(receipts) = state.ephemeral.receipt_event(room_id, &auth.user_id, room_since)? {
         ephemeral.push(receipts);
     }
-    ephemeral.retain(|event| filter.room.ephemeral.allows(event["type"].as_str().unwrap_or(""), ""));
+    ephemeral
+        .retain(|event| filter.room.ephemeral.allows(event["type"].as_str().unwrap_or(""), ""));
     let account_data: Vec<Value> = account_data
         .into_iter()
-        .filter(|event| filter.room.account_data.allows(event["type"].as_str().unwrap_or(""), auth.user_id.as_str()))
+        .filter(|event| {
+            filter
+                .room
+                .account_data
+                .allows(event["type"].as_str().unwrap_or(""), auth.user_id.as_str())
+        })
         .collect();
     if room_since.is_some()
         && !request.full_state
@@ -338,7 +397,8 @@ async fn joined_room(
     {
         return Ok(None);
     }
-    let (notification_count, highlight_count) = unread_counts(state, &auth.user_id, room_id, upper, ruleset).await?;
+    let (notification_count, highlight_count) =
+        unread_counts(state, &auth.user_id, room_id, upper, ruleset).await?;
     let members = state.rooms.members(room_id)?;
     let joined = members.iter().filter(|(_, record)| record.membership == "join").count();
     let invited = members.iter().filter(|(_, record)| record.membership == "invite").count();
@@ -348,7 +408,10 @@ async fn joined_room(
     {
         let heroes: Vec<&OwnedUserId> = members
             .iter()
-            .filter(|(user_id, record)| *user_id != auth.user_id && (record.membership == "join" || record.membership == "invite"))
+            .filter(|(user_id, record)| {
+                *user_id != auth.user_id
+                    && (record.membership == "join" || record.membership == "invite")
+            })
             .map(|(user_id, _)| user_id)
             .take(5)
             .collect();
@@ -369,15 +432,29 @@ async fn joined_room(
     })))
 }
 
-fn invited_room(state: &AppState, room_id: &RoomId, record: &MembershipRecord) -> Result<Value, ApiError> {
+fn invited_room(
+    state: &AppState,
+    room_id: &RoomId,
+    record: &MembershipRecord,
+) -> Result<Value, ApiError> {
     let mut events = Vec::new();
-    for kind in ["m.room.create", "m.room.join_rules", "m.room.name", "m.room.avatar", "m.room.canonical_alias", "m.room.encryption", "m.room.topic"] {
+    for kind in [
+        "m.room.create",
+        "m.room.join_rules",
+        "m.room.name",
+        "m.room.avatar",
+        "m.room.canonical_alias",
+        "m.room.encryption",
+        "m.room.topic",
+    ] {
         if let Some(pdu) = state.rooms.current_state_pdu(room_id, kind, "")? {
             events.push(pdu.to_stripped());
         }
     }
     if let Some(invite) = state.rooms.pdu(&record.event_id)? {
-        if let Some(inviter) = state.rooms.current_state_pdu(room_id, "m.room.member", invite.sender.as_str())? {
+        if let Some(inviter) =
+            state.rooms.current_state_pdu(room_id, "m.room.member", invite.sender.as_str())?
+        {
             events.push(inviter.to_stripped());
         }
         let mut stripped = invite.to_stripped();
@@ -399,7 +476,8 @@ fn left_room(
     let filter = &request.filter;
     let limit = timeline_limit(state, &filter.room.timeline);
     let timeline = timeline(state, room_id, since, record.position, limit, &filter.room.timeline)?;
-    let (state_key, state_events) = room_state(state, auth, request, &timeline, since, room_id, record.position)?;
+    let (state_key, state_events) =
+        room_state(state, auth, request, &timeline, since, room_id, record.position)?;
     Ok(Some(json!({
         "timeline": {
             "events": render(state, auth, &timeline.events)?,
@@ -451,7 +529,8 @@ async fn unread_counts(
         user_id.to_owned(),
         display_name,
     );
-    let events = state.rooms.timeline(room_id, read_position, Some(upper), Direction::Forward, 1000)?;
+    let events =
+        state.rooms.timeline(room_id, read_position, Some(upper), Direction::Forward, 1000)?;
     let (mut notifications, mut highlights) = (0, 0);
     for (_, event_id) in events {
         let Some(pdu) = state.rooms.pdu(&event_id)? else { continue };

@@ -150,11 +150,17 @@ pub fn rules_for(room_version: &RoomVersionId) -> Result<RoomVersionRules, Error
 
 /// The event id of a signed PDU: its `event_id` field in room versions 1 and 2, the reference
 /// hash otherwise.
-pub fn event_id_of(pdu: &CanonicalJsonObject, room_version: &RoomVersionId) -> Result<OwnedEventId, Error> {
+pub fn event_id_of(
+    pdu: &CanonicalJsonObject,
+    room_version: &RoomVersionId,
+) -> Result<OwnedEventId, Error> {
     let rules = rules_for(room_version)?;
     if rules.event_id_format == EventIdFormatVersion::V1 {
         let Some(CanonicalJsonValue::String(event_id)) = pdu.get("event_id") else {
-            return Err(Error::BadKey { path: String::new(), reason: "v1 PDU without event_id".into() });
+            return Err(Error::BadKey {
+                path: String::new(),
+                reason: "v1 PDU without event_id".into(),
+            });
         };
         return Ok(event_id.as_str().try_into()?);
     }
@@ -169,7 +175,8 @@ fn write_private(path: &Path, text: &str) -> io::Result<()> {
     #[cfg(unix)]
     {
         use std::{io::Write, os::unix::fs::OpenOptionsExt};
-        let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+        let mut file =
+            fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
         file.write_all(text.as_bytes())
     }
     #[cfg(not(unix))]
@@ -207,8 +214,12 @@ mod tests {
     fn key_is_generated_once_and_reloaded() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("signing.key");
-        let first = ServerSigningKey::load_or_generate(&path, server_name!("example.org").to_owned()).unwrap();
-        let second = ServerSigningKey::load_or_generate(&path, server_name!("example.org").to_owned()).unwrap();
+        let first =
+            ServerSigningKey::load_or_generate(&path, server_name!("example.org").to_owned())
+                .unwrap();
+        let second =
+            ServerSigningKey::load_or_generate(&path, server_name!("example.org").to_owned())
+                .unwrap();
         assert_eq!(first.key_id(), second.key_id());
         assert_eq!(first.public_key_base64(), second.public_key_base64());
     }
@@ -243,6 +254,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("k");
         fs::write(&path, "ed25519 abc notbase64!!").unwrap();
-        assert!(ServerSigningKey::load_or_generate(&path, server_name!("x.org").to_owned()).is_err());
+        assert!(
+            ServerSigningKey::load_or_generate(&path, server_name!("x.org").to_owned()).is_err()
+        );
     }
 }

@@ -48,14 +48,21 @@ fn form_urlencoded_pairs(query: &str) -> Vec<(String, String)> {
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let token = access_token(parts).ok_or_else(ApiError::missing_token)?;
         let accounts: &Accounts = &state.accounts;
         let session = accounts
             .session_for_token(&token)
             .map_err(ApiError::internal)?
             .ok_or_else(ApiError::unknown_token)?;
-        Ok(Self { user_id: session.user_id, device_id: session.device_id, is_admin: session.is_admin })
+        Ok(Self {
+            user_id: session.user_id,
+            device_id: session.device_id,
+            is_admin: session.is_admin,
+        })
     }
 }
 
@@ -145,5 +152,6 @@ impl PathIds {
 
 /// Parses an id, `M_INVALID_PARAM` when it is not valid.
 pub fn parse_id<T: TryFrom<String>>(raw: &str, what: &str) -> Result<T, ApiError> {
-    T::try_from(raw.to_owned()).map_err(|_| ApiError::invalid_param(format!("Invalid {what}: {raw}")))
+    T::try_from(raw.to_owned())
+        .map_err(|_| ApiError::invalid_param(format!("Invalid {what}: {raw}")))
 }

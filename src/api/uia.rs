@@ -57,8 +57,14 @@ impl UiaSessions {
 
     /// Checks the `auth` dict of a request against `flows`. `Ok(())` once a flow is complete;
     /// otherwise the 401 answer that tells the client what is left.
-    pub async fn check(&self, auth: Option<&Value>, flows: &[&[&str]], context: StageContext<'_>) -> Result<(), ApiError> {
-        let mut sessions = self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+    pub async fn check(
+        &self,
+        auth: Option<&Value>,
+        flows: &[&[&str]],
+        context: StageContext<'_>,
+    ) -> Result<(), ApiError> {
+        let mut sessions =
+            self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
         sessions.retain(|_, session| session.created.elapsed() < SESSION_LIFETIME);
         let Some(auth) = auth.filter(|auth| auth.is_object()) else {
             let session_id = random_string(24);
@@ -69,7 +75,11 @@ impl UiaSessions {
         let (session_id, mut session) = match session_id {
             Some(id) => match sessions.get(&id) {
                 Some(session) => (id, session.clone()),
-                None => return Err(ApiError::bad_request("Unknown session").with("errcode", "M_UNKNOWN")),
+                None => {
+                    return Err(
+                        ApiError::bad_request("Unknown session").with("errcode", "M_UNKNOWN")
+                    );
+                }
             },
             None => (random_string(24), Session { completed: Vec::new(), created: Instant::now() }),
         };
@@ -93,8 +103,14 @@ impl UiaSessions {
                 session.completed.push(stage.to_owned());
             }
         }
-        if flows.iter().any(|flow| flow.iter().all(|stage| session.completed.iter().any(|done| done == stage))) {
-            self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(&session_id);
+        if flows
+            .iter()
+            .any(|flow| flow.iter().all(|stage| session.completed.iter().any(|done| done == stage)))
+        {
+            self.sessions
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .remove(&session_id);
             return Ok(());
         }
         self.store(&session_id, session.clone());
@@ -107,7 +123,12 @@ impl UiaSessions {
         sessions.insert(session_id.to_owned(), session);
     }
 
-    async fn run_stage(&self, stage: &str, auth: &Value, context: &StageContext<'_>) -> Result<bool, ApiError> {
+    async fn run_stage(
+        &self,
+        stage: &str,
+        auth: &Value,
+        context: &StageContext<'_>,
+    ) -> Result<bool, ApiError> {
         Ok(match stage {
             "m.login.dummy" => true,
             "m.login.registration_token" => {
@@ -127,7 +148,11 @@ impl UiaSessions {
                     return Ok(false);
                 }
                 let password = auth.get("password").and_then(Value::as_str).unwrap_or("");
-                context.accounts.check_password(user_id, password).await.map_err(ApiError::internal)?
+                context
+                    .accounts
+                    .check_password(user_id, password)
+                    .await
+                    .map_err(ApiError::internal)?
             }
             _ => false,
         })

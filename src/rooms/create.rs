@@ -105,8 +105,9 @@ impl Rooms {
         let derived_room_id = rules.authorization.room_create_event_id_as_room_id;
         // Version 12 rooms get their id from the create event; until it exists nobody can
         // address the room, so the lock on a placeholder id is enough.
-        let mut room_id = OwnedRoomId::try_from(format!("!{}:{}", random_string(18), self.server_name()))
-            .map_err(|error| RoomError::BadEvent(error.to_string()))?;
+        let mut room_id =
+            OwnedRoomId::try_from(format!("!{}:{}", random_string(18), self.server_name()))
+                .map_err(|error| RoomError::BadEvent(error.to_string()))?;
         let lock = self.room_lock(&room_id);
         let _guard = lock.lock().await;
         let mut room = RoomRecord {
@@ -118,9 +119,10 @@ impl Rooms {
         };
 
         let public = request.visibility.as_deref() == Some("public");
-        let preset = request.preset.clone().unwrap_or_else(|| {
-            if public { "public_chat".into() } else { "private_chat".into() }
-        });
+        let preset = request
+            .preset
+            .clone()
+            .unwrap_or_else(|| if public { "public_chat".into() } else { "private_chat".into() });
         if !["public_chat", "private_chat", "trusted_private_chat"].contains(&preset.as_str()) {
             return Err(RoomError::BadEvent(format!("Unknown preset {preset}")));
         }
@@ -189,9 +191,17 @@ impl Rooms {
         }
         let join_rule = if preset == "public_chat" { "public" } else { "invite" };
         events.push(NewEvent::state("m.room.join_rules", "", json!({"join_rule": join_rule})));
-        events.push(NewEvent::state("m.room.history_visibility", "", json!({"history_visibility": "shared"})));
+        events.push(NewEvent::state(
+            "m.room.history_visibility",
+            "",
+            json!({"history_visibility": "shared"}),
+        ));
         if preset != "public_chat" {
-            events.push(NewEvent::state("m.room.guest_access", "", json!({"guest_access": "can_join"})));
+            events.push(NewEvent::state(
+                "m.room.guest_access",
+                "",
+                json!({"guest_access": "can_join"}),
+            ));
         }
         for state in request.initial_state {
             if state.kind == "m.room.create" || state.kind == "m.room.member" {
@@ -201,7 +211,8 @@ impl Rooms {
             events.retain(|event| {
                 event.kind == "m.room.create"
                     || event.kind == "m.room.member"
-                    || !(event.kind == state.kind && event.state_key.as_deref() == Some(state.state_key.as_str()))
+                    || !(event.kind == state.kind
+                        && event.state_key.as_deref() == Some(state.state_key.as_str()))
             });
             events.push(NewEvent::state(state.kind, state.state_key, state.content));
         }
@@ -236,8 +247,13 @@ impl Rooms {
             if request.is_direct {
                 content["is_direct"] = json!(true);
             }
-            self.append(&room_id, creator, NewEvent::state("m.room.member", invitee.as_str(), content), None)
-                .await?;
+            self.append(
+                &room_id,
+                creator,
+                NewEvent::state("m.room.member", invitee.as_str(), content),
+                None,
+            )
+            .await?;
         }
         Ok(CreatedRoom { room_id, alias })
     }
@@ -245,9 +261,9 @@ impl Rooms {
 
 /// Room versions whose rooms this server can create: every stable version ruma knows.
 pub fn can_create(room_version: &RoomVersionId) -> bool {
-    room_version
-        .rules()
-        .is_some_and(|rules| rules.disposition == ruma::room_version_rules::RoomVersionDisposition::Stable)
+    room_version.rules().is_some_and(|rules| {
+        rules.disposition == ruma::room_version_rules::RoomVersionDisposition::Stable
+    })
 }
 
 /// The room versions this server can create, for `capabilities`.

@@ -24,19 +24,29 @@ impl Rooms {
     /// A local alias from its localpart.
     pub fn local_alias(&self, name: &str) -> Result<OwnedRoomAliasId, RoomError> {
         if name.is_empty() || name.contains(':') || name.contains(char::is_whitespace) {
-            return Err(RoomError::InvalidAlias(format!("Invalid characters in room alias: {name}")));
+            return Err(RoomError::InvalidAlias(format!(
+                "Invalid characters in room alias: {name}"
+            )));
         }
         OwnedRoomAliasId::try_from(format!("#{name}:{}", self.server_name()))
             .map_err(|error| RoomError::InvalidAlias(error.to_string()))
     }
 
     /// The room a local alias points to.
-    pub fn resolve_local_alias(&self, alias: &RoomAliasId) -> Result<Option<OwnedRoomId>, RoomError> {
+    pub fn resolve_local_alias(
+        &self,
+        alias: &RoomAliasId,
+    ) -> Result<Option<OwnedRoomId>, RoomError> {
         Ok(self.db().get::<AliasRecord>(ALIASES, alias.as_bytes())?.map(|record| record.room_id))
     }
 
     /// Creates a local alias.
-    pub fn put_alias(&self, alias: &RoomAliasId, room_id: &RoomId, creator: &UserId) -> Result<(), RoomError> {
+    pub fn put_alias(
+        &self,
+        alias: &RoomAliasId,
+        room_id: &RoomId,
+        creator: &UserId,
+    ) -> Result<(), RoomError> {
         if alias.server_name() != self.server_name() {
             return Err(RoomError::InvalidAlias("Alias must be on this server".into()));
         }
@@ -44,7 +54,11 @@ impl Rooms {
             return Err(RoomError::AliasInUse);
         }
         let mut batch = self.db().batch();
-        batch.put(ALIASES, alias.as_bytes(), &AliasRecord { room_id: room_id.to_owned(), creator: creator.to_owned() })?;
+        batch.put(
+            ALIASES,
+            alias.as_bytes(),
+            &AliasRecord { room_id: room_id.to_owned(), creator: creator.to_owned() },
+        )?;
         batch.put(ROOM_ALIASES, &keys::join(&[room_id.as_bytes(), alias.as_bytes()]), &())?;
         self.db().write(batch)?;
         Ok(())
@@ -52,7 +66,12 @@ impl Rooms {
 
     /// Deletes a local alias if `user_id` may: its creator, a server admin, or a room member
     /// with the power to change the canonical alias.
-    pub fn delete_alias(&self, alias: &RoomAliasId, user_id: &UserId, is_admin: bool) -> Result<(), RoomError> {
+    pub fn delete_alias(
+        &self,
+        alias: &RoomAliasId,
+        user_id: &UserId,
+        is_admin: bool,
+    ) -> Result<(), RoomError> {
         let Some(record) = self.db().get::<AliasRecord>(ALIASES, alias.as_bytes())? else {
             return Err(RoomError::NotFound);
         };
@@ -61,7 +80,9 @@ impl Rooms {
             levels.user_level(user_id) >= levels.event_level("m.room.canonical_alias", true)
         };
         if !allowed {
-            return Err(RoomError::Forbidden("You don't have permission to delete the alias".into()));
+            return Err(RoomError::Forbidden(
+                "You don't have permission to delete the alias".into(),
+            ));
         }
         let mut batch = self.db().batch();
         batch.delete(ALIASES, alias.as_bytes())?;
@@ -77,7 +98,10 @@ impl Rooms {
             .db()
             .scan_prefix(ROOM_ALIASES, &prefix)?
             .into_iter()
-            .filter_map(|(key, _)| OwnedRoomAliasId::try_from(String::from_utf8(key[prefix.len()..].to_vec()).ok()?).ok())
+            .filter_map(|(key, _)| {
+                OwnedRoomAliasId::try_from(String::from_utf8(key[prefix.len()..].to_vec()).ok()?)
+                    .ok()
+            })
             .collect())
     }
 
@@ -102,9 +126,13 @@ impl Rooms {
     pub fn public_rooms(&self, search: Option<&str>) -> Result<Vec<Value>, RoomError> {
         let mut chunks = Vec::new();
         for (key, _) in self.db().scan_prefix(PUBLIC, b"")? {
-            let Ok(room_id) = OwnedRoomId::try_from(String::from_utf8_lossy(&key).into_owned()) else { continue };
+            let Ok(room_id) = OwnedRoomId::try_from(String::from_utf8_lossy(&key).into_owned())
+            else {
+                continue;
+            };
             let chunk = self.directory_entry(&room_id)?;
-            if let Some(search) = search.map(str::to_lowercase).filter(|search| !search.is_empty()) {
+            if let Some(search) = search.map(str::to_lowercase).filter(|search| !search.is_empty())
+            {
                 let haystack = format!(
                     "{} {} {}",
                     chunk.get("name").and_then(Value::as_str).unwrap_or(""),
@@ -118,13 +146,17 @@ impl Rooms {
             }
             chunks.push(chunk);
         }
-        chunks.sort_by_key(|chunk| std::cmp::Reverse(chunk["num_joined_members"].as_u64().unwrap_or(0)));
+        chunks.sort_by_key(|chunk| {
+            std::cmp::Reverse(chunk["num_joined_members"].as_u64().unwrap_or(0))
+        });
         Ok(chunks)
     }
 
     fn directory_entry(&self, room_id: &RoomId) -> Result<Value, RoomError> {
         let text = |kind: &str, field: &str| -> Result<Option<Value>, RoomError> {
-            Ok(self.current_state_content(room_id, kind, "")?.and_then(|content| content.get(field).cloned()))
+            Ok(self
+                .current_state_content(room_id, kind, "")?
+                .and_then(|content| content.get(field).cloned()))
         };
         let join_rule = text("m.room.join_rules", "join_rule")?.unwrap_or(json!("invite"));
         let mut chunk = json!({

@@ -24,13 +24,20 @@ impl Rooms {
             return Ok(());
         }
         let mut content = member_content("join", profile, reason);
-        if let Some(invite) = self.membership(room_id, user_id)?.filter(|record| record.membership == "invite")
+        if let Some(invite) =
+            self.membership(room_id, user_id)?.filter(|record| record.membership == "invite")
             && let Some(invite) = self.pdu(&invite.event_id)?
             && invite.content_value().get("is_direct") == Some(&json!(true))
         {
             content["is_direct"] = json!(true);
         }
-        self.append(room_id, user_id, NewEvent::state("m.room.member", user_id.as_str(), content), None).await?;
+        self.append(
+            room_id,
+            user_id,
+            NewEvent::state("m.room.member", user_id.as_str(), content),
+            None,
+        )
+        .await?;
         Ok(())
     }
 
@@ -53,7 +60,9 @@ impl Rooms {
             ("invite", Some("join")) => {
                 return Err(RoomError::Forbidden(format!("{target} is already in the room")));
             }
-            ("invite", Some("ban")) => return Err(RoomError::Forbidden(format!("{target} is banned from the room"))),
+            ("invite", Some("ban")) => {
+                return Err(RoomError::Forbidden(format!("{target} is banned from the room")));
+            }
             ("leave", None) if sender == target => {
                 return Err(RoomError::Forbidden("You are not a member of this room".into()));
             }
@@ -64,7 +73,13 @@ impl Rooms {
         if let Some((key, value)) = extra {
             content[key] = value;
         }
-        self.append(room_id, sender, NewEvent::state("m.room.member", target.as_str(), content), None).await
+        self.append(
+            room_id,
+            sender,
+            NewEvent::state("m.room.member", target.as_str(), content),
+            None,
+        )
+        .await
     }
 
     /// Sends a new member event with the changed profile into every room the user is joined to.
@@ -99,7 +114,11 @@ impl Rooms {
     }
 }
 
-fn member_content(membership: &str, profile: (Option<String>, Option<String>), reason: Option<String>) -> Value {
+fn member_content(
+    membership: &str,
+    profile: (Option<String>, Option<String>),
+    reason: Option<String>,
+) -> Value {
     let mut content = json!({"membership": membership});
     if let Some(displayname) = profile.0 {
         content["displayname"] = json!(displayname);

@@ -21,8 +21,7 @@ use federation::ServerSigningKey;
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, DeviceId, EventId, MilliSecondsSinceUnixEpoch,
     OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, RoomVersionId, UserId,
-    events::TimelineEventType,
-    room_version_rules::EventsReferenceFormatVersion,
+    events::TimelineEventType, room_version_rules::EventsReferenceFormatVersion,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -229,7 +228,8 @@ impl Rooms {
     }
 
     fn room_lock(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks = self.inner.room_locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut locks =
+            self.inner.room_locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         locks.entry(room_id.to_owned()).or_default().clone()
     }
 
@@ -326,7 +326,11 @@ impl Rooms {
     }
 
     /// A user's membership in a room.
-    pub fn membership(&self, room_id: &RoomId, user_id: &UserId) -> Result<Option<MembershipRecord>, RoomError> {
+    pub fn membership(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+    ) -> Result<Option<MembershipRecord>, RoomError> {
         Ok(self.db().get(USER_ROOMS, &keys::join(&[user_id.as_bytes(), room_id.as_bytes()]))?)
     }
 
@@ -336,11 +340,15 @@ impl Rooms {
     }
 
     /// Every room the user has a membership in.
-    pub fn rooms_of_user(&self, user_id: &UserId) -> Result<Vec<(OwnedRoomId, MembershipRecord)>, RoomError> {
+    pub fn rooms_of_user(
+        &self,
+        user_id: &UserId,
+    ) -> Result<Vec<(OwnedRoomId, MembershipRecord)>, RoomError> {
         let prefix = keys::prefix(&[user_id.as_bytes()]);
         let mut rooms = Vec::new();
         for (key, value) in self.db().scan_prefix(USER_ROOMS, &prefix)? {
-            let Ok(room_id) = OwnedRoomId::try_from(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
+            let Ok(room_id) =
+                OwnedRoomId::try_from(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
             else {
                 continue;
             };
@@ -362,11 +370,15 @@ impl Rooms {
     }
 
     /// Every member (any membership) of a room, from the current state.
-    pub fn members(&self, room_id: &RoomId) -> Result<Vec<(OwnedUserId, MembershipRecord)>, RoomError> {
+    pub fn members(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Vec<(OwnedUserId, MembershipRecord)>, RoomError> {
         let prefix = keys::prefix(&[room_id.as_bytes()]);
         let mut members = Vec::new();
         for (key, value) in self.db().scan_prefix(ROOM_USERS, &prefix)? {
-            let Ok(user_id) = OwnedUserId::try_from(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
+            let Ok(user_id) =
+                OwnedUserId::try_from(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
             else {
                 continue;
             };
@@ -463,7 +475,8 @@ impl Rooms {
         let mut auth_events = Vec::new();
         if let Some(room_id) = room_id {
             for (auth_kind, auth_key) in &auth_types {
-                if let Some(event_id) = self.current_state_event_id(room_id, &auth_kind.to_string(), auth_key)?
+                if let Some(event_id) =
+                    self.current_state_event_id(room_id, &auth_kind.to_string(), auth_key)?
                     && !auth_events.contains(&event_id)
                 {
                     auth_events.push(event_id);
@@ -481,7 +494,8 @@ impl Rooms {
                 _ => Ok(json!(event_id)),
             }
         };
-        let prev_events: Vec<Value> = room.forward_extremities.iter().map(reference).collect::<Result<_, _>>()?;
+        let prev_events: Vec<Value> =
+            room.forward_extremities.iter().map(reference).collect::<Result<_, _>>()?;
         let auth_refs: Vec<Value> = auth_events.iter().map(reference).collect::<Result<_, _>>()?;
         let depth = room.depth + 1;
         let mut object = json!({
@@ -509,8 +523,10 @@ impl Rooms {
                 object["redacts"] = json!(redacts);
             }
         }
-        let CanonicalJsonValue::Object(mut canonical) = ruma::canonical_json::to_canonical_value(object)
-            .map_err(|error| RoomError::BadEvent(format!("event is not canonical JSON: {error}")))?
+        let CanonicalJsonValue::Object(mut canonical) =
+            ruma::canonical_json::to_canonical_value(object).map_err(|error| {
+                RoomError::BadEvent(format!("event is not canonical JSON: {error}"))
+            })?
         else {
             return Err(RoomError::BadEvent("event is not an object".into()));
         };
@@ -522,9 +538,11 @@ impl Rooms {
             self.pdu(id).ok().flatten()
         })
         .map_err(RoomError::Forbidden)?;
-        ruma::state_res::check_state_dependent_auth_rules(&rules.authorization, &pdu, |kind, key| {
-            self.current_state_pdu(room_id, &kind.to_string(), key).ok().flatten()
-        })
+        ruma::state_res::check_state_dependent_auth_rules(
+            &rules.authorization,
+            &pdu,
+            |kind, key| self.current_state_pdu(room_id, &kind.to_string(), key).ok().flatten(),
+        )
         .map_err(RoomError::Forbidden)?;
         if let Some(redacts) = &pdu.redacts {
             self.authorize_redaction(room_id, &pdu, redacts)?;
@@ -540,7 +558,12 @@ impl Rooms {
 
     /// Redactions need the redact power level unless they redact the sender's own event
     /// ([redactions](https://spec.matrix.org/v1.16/client-server-api/#redactions)).
-    fn authorize_redaction(&self, room_id: &RoomId, redaction: &Pdu, redacts: &EventId) -> Result<(), RoomError> {
+    fn authorize_redaction(
+        &self,
+        room_id: &RoomId,
+        redaction: &Pdu,
+        redacts: &EventId,
+    ) -> Result<(), RoomError> {
         if let Some(target) = self.pdu(redacts)?
             && target.room_id == room_id
             && target.sender == redaction.sender
@@ -566,23 +589,49 @@ impl Rooms {
         let db = self.db();
         let room_id = &pdu.room_id;
         let short = db.next_short(batch)?;
-        batch.put_raw(PDUS, pdu.event_id.as_bytes(), &serde_json::to_vec(&pdu.json).map_err(storage::Error::Encode)?)?;
+        batch.put_raw(
+            PDUS,
+            pdu.event_id.as_bytes(),
+            &serde_json::to_vec(&pdu.json).map_err(storage::Error::Encode)?,
+        )?;
         batch.put_raw("event_id_to_short", pdu.event_id.as_bytes(), &keys::encode_u64(short))?;
         batch.put_raw("short_to_event_id", &keys::encode_u64(short), pdu.event_id.as_bytes())?;
         let state_before = room.current_snapshot;
         let mut state_after = state_before;
         if let Some(state_key) = &pdu.state_key {
             let kind = pdu.kind.to_string();
-            let snapshot = state::add_to_snapshot(db, &self.inner.snapshots, batch, state_before, &kind, state_key, short)?;
+            let snapshot = state::add_to_snapshot(
+                db,
+                &self.inner.snapshots,
+                batch,
+                state_before,
+                &kind,
+                state_key,
+                short,
+            )?;
             state_after = Some(snapshot);
             let key = keys::join(&[room_id.as_bytes(), kind.as_bytes(), state_key.as_bytes()]);
             batch.put(CURRENT_STATE, &key, &pdu.event_id)?;
-            if let (Some(membership), Ok(user_id)) = (pdu.membership(), UserId::parse(state_key.as_str())) {
+            if let (Some(membership), Ok(user_id)) =
+                (pdu.membership(), UserId::parse(state_key.as_str()))
+            {
                 let forgotten = false;
-                let record =
-                    MembershipRecord { membership, event_id: pdu.event_id.clone(), position, forgotten };
-                batch.put(USER_ROOMS, &keys::join(&[user_id.as_bytes(), room_id.as_bytes()]), &record)?;
-                batch.put(ROOM_USERS, &keys::join(&[room_id.as_bytes(), user_id.as_bytes()]), &record)?;
+                let record = MembershipRecord {
+                    membership,
+                    event_id: pdu.event_id.clone(),
+                    position,
+                    forgotten,
+                };
+                batch.put(
+                    USER_ROOMS,
+                    &keys::join(&[user_id.as_bytes(), room_id.as_bytes()]),
+                    &record,
+                )?;
+                batch.put(
+                    ROOM_USERS,
+                    &keys::join(&[room_id.as_bytes(), user_id.as_bytes()]),
+                    &record,
+                )?;
             }
         }
         let meta = EventMeta {
@@ -597,7 +646,8 @@ impl Rooms {
         batch.put(METAS, pdu.event_id.as_bytes(), &meta)?;
         batch.put(TIMELINE, &timeline_key(room_id, position), &pdu.event_id)?;
         if let Some((user_id, txn)) = transaction {
-            let key = keys::join(&[user_id.as_bytes(), txn.device_id.as_bytes(), txn.txn_id.as_bytes()]);
+            let key =
+                keys::join(&[user_id.as_bytes(), txn.device_id.as_bytes(), txn.txn_id.as_bytes()]);
             batch.put(TXNS, &key, &pdu.event_id)?;
         }
         if let Some(redacts) = &pdu.redacts
@@ -635,7 +685,9 @@ impl Rooms {
         let prefix = keys::prefix(&[room_id.as_bytes()]);
         let mut events = Vec::new();
         let mut visit = |key: &[u8], value: &[u8]| {
-            let Some(position) = key.get(prefix.len()..).and_then(keys::decode_u64) else { return true };
+            let Some(position) = key.get(prefix.len()..).and_then(keys::decode_u64) else {
+                return true;
+            };
             if let Some(to) = to {
                 let past = match direction {
                     Direction::Backward => position < to,
@@ -670,11 +722,15 @@ impl Rooms {
     }
 
     /// Events that relate to `event_id` (`m.relates_to.event_id`), with their relation type.
-    pub fn relations(&self, event_id: &EventId) -> Result<Vec<(OwnedEventId, Option<String>)>, RoomError> {
+    pub fn relations(
+        &self,
+        event_id: &EventId,
+    ) -> Result<Vec<(OwnedEventId, Option<String>)>, RoomError> {
         let prefix = keys::prefix(&[event_id.as_bytes()]);
         let mut related = Vec::new();
         for (key, value) in self.db().scan_prefix(RELATIONS, &prefix)? {
-            let Ok(child) = OwnedEventId::try_from(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
+            let Ok(child) =
+                OwnedEventId::try_from(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
             else {
                 continue;
             };
@@ -705,11 +761,13 @@ impl Rooms {
             if let Some(redaction_id) = &meta.redacted_by
                 && let Some(redaction) = self.pdu(redaction_id)?
             {
-                redacted_because = Some(redaction.to_client(&version, None, serde_json::Map::new()));
+                redacted_because =
+                    Some(redaction.to_client(&version, None, serde_json::Map::new()));
             }
             if let Some(state_key) = &pdu.state_key
                 && let Some(before) = meta.state_before
-                && let Some(previous) = self.state_event_at(before, &pdu.kind.to_string(), state_key)?
+                && let Some(previous) =
+                    self.state_event_at(before, &pdu.kind.to_string(), state_key)?
                 && let Some(previous) = self.pdu(&previous)?
             {
                 unsigned.insert("prev_content".into(), previous.content_value());
@@ -733,7 +791,12 @@ impl Rooms {
     }
 
     /// The event id of `(kind, state_key)` in a state snapshot.
-    pub fn state_event_at(&self, snapshot: u64, kind: &str, state_key: &str) -> Result<Option<OwnedEventId>, RoomError> {
+    pub fn state_event_at(
+        &self,
+        snapshot: u64,
+        kind: &str,
+        state_key: &str,
+    ) -> Result<Option<OwnedEventId>, RoomError> {
         let Some(state_key_short) = state::state_key_short(self.db(), kind, state_key)? else {
             return Ok(None);
         };
@@ -745,13 +808,21 @@ impl Rooms {
     }
 
     /// The full state in a snapshot, keyed by (type, state_key).
-    pub fn state_at(&self, snapshot: Option<u64>) -> Result<BTreeMap<(String, String), OwnedEventId>, RoomError> {
+    pub fn state_at(
+        &self,
+        snapshot: Option<u64>,
+    ) -> Result<BTreeMap<(String, String), OwnedEventId>, RoomError> {
         Ok(state::resolve_snapshot(self.db(), &self.inner.snapshots, snapshot)?)
     }
 
     /// The state snapshot in force after stream position `position` of a room.
-    pub fn snapshot_at_position(&self, room_id: &RoomId, position: u64) -> Result<Option<u64>, RoomError> {
-        let events = self.timeline(room_id, position.saturating_add(1), None, Direction::Backward, 1)?;
+    pub fn snapshot_at_position(
+        &self,
+        room_id: &RoomId,
+        position: u64,
+    ) -> Result<Option<u64>, RoomError> {
+        let events =
+            self.timeline(room_id, position.saturating_add(1), None, Direction::Backward, 1)?;
         match events.first() {
             Some((_, event_id)) => Ok(self.meta(event_id)?.and_then(|meta| meta.state_after)),
             None => Ok(None),
@@ -777,9 +848,12 @@ impl Rooms {
             .is_some_and(|rules| rules.authorization.explicitly_privilege_room_creators);
         let mut creators = vec![create.sender.clone()];
         if privileged
-            && let Some(additional) = create.content_value().get("additional_creators").and_then(Value::as_array)
+            && let Some(additional) =
+                create.content_value().get("additional_creators").and_then(Value::as_array)
         {
-            creators.extend(additional.iter().filter_map(|user| OwnedUserId::try_from(user.as_str()?).ok()));
+            creators.extend(
+                additional.iter().filter_map(|user| OwnedUserId::try_from(user.as_str()?).ok()),
+            );
         }
         Ok((creators, privileged))
     }
@@ -849,13 +923,15 @@ impl PowerLevels {
     /// The level needed to send an event of `kind`.
     pub fn event_level(&self, kind: &str, is_state: bool) -> i64 {
         let Some(content) = &self.content else { return 0 };
-        content.get("events").and_then(|events| events.get(kind)).and_then(as_level).unwrap_or_else(|| {
-            if is_state {
-                content.get("state_default").and_then(as_level).unwrap_or(50)
-            } else {
-                content.get("events_default").and_then(as_level).unwrap_or(0)
-            }
-        })
+        content.get("events").and_then(|events| events.get(kind)).and_then(as_level).unwrap_or_else(
+            || {
+                if is_state {
+                    content.get("state_default").and_then(as_level).unwrap_or(50)
+                } else {
+                    content.get("events_default").and_then(as_level).unwrap_or(0)
+                }
+            },
+        )
     }
 }
 

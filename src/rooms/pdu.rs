@@ -4,8 +4,8 @@
 //! [PDUs](https://spec.matrix.org/v1.16/server-server-api/#pdus)
 
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, MilliSecondsSinceUnixEpoch, OwnedEventId,
-    OwnedRoomId, OwnedUserId, RoomId, RoomVersionId, UserId,
+    CanonicalJsonObject, CanonicalJsonValue, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId,
+    OwnedUserId, RoomId, RoomVersionId, UserId,
     events::{StateEventType, TimelineEventType},
 };
 use serde::Deserialize;
@@ -85,13 +85,16 @@ impl Pdu {
     /// Parses a signed PDU.
     pub fn from_json(event_id: OwnedEventId, json: CanonicalJsonObject) -> Result<Self, PduError> {
         let value = serde_json::to_value(&json).map_err(|error| PduError(error.to_string()))?;
-        let fields: Fields = serde_json::from_value(value).map_err(|error| PduError(error.to_string()))?;
+        let fields: Fields =
+            serde_json::from_value(value).map_err(|error| PduError(error.to_string()))?;
         let redacts = fields.redacts.or_else(|| {
             #[derive(Deserialize)]
             struct Redacts {
                 redacts: Option<OwnedEventId>,
             }
-            serde_json::from_str::<Redacts>(fields.content.get()).ok().and_then(|content| content.redacts)
+            serde_json::from_str::<Redacts>(fields.content.get())
+                .ok()
+                .and_then(|content| content.redacts)
         });
         // Since room version 12 the create event has no room id: the room id is derived from it.
         let room_id = match fields.room_id {
@@ -168,7 +171,8 @@ impl Pdu {
         if let Some(redacts) = &self.redacts {
             event["redacts"] = Value::String(redacts.to_string());
         }
-        let age = MilliSecondsSinceUnixEpoch::now().get().saturating_sub(self.origin_server_ts.get());
+        let age =
+            MilliSecondsSinceUnixEpoch::now().get().saturating_sub(self.origin_server_ts.get());
         unsigned.insert("age".into(), Value::from(u64::from(age)));
         event["unsigned"] = Value::Object(unsigned);
         event
@@ -196,9 +200,14 @@ impl Pdu {
 }
 
 /// Content with only the keys the room version's redaction algorithm keeps.
-pub fn redacted_content(content: &Value, kind: &TimelineEventType, room_version: &RoomVersionId) -> Value {
+pub fn redacted_content(
+    content: &Value,
+    kind: &TimelineEventType,
+    room_version: &RoomVersionId,
+) -> Value {
     let Some(rules) = room_version.rules() else { return serde_json::json!({}) };
-    let Ok(CanonicalJsonValue::Object(mut object)) = ruma::canonical_json::to_canonical_value(content)
+    let Ok(CanonicalJsonValue::Object(mut object)) =
+        ruma::canonical_json::to_canonical_value(content)
     else {
         return serde_json::json!({});
     };

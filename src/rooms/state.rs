@@ -53,12 +53,21 @@ impl SnapshotCache {
 }
 
 /// The short id of a (type, state_key) pair, if it has one.
-pub fn state_key_short(db: &Db, kind: &str, state_key: &str) -> Result<Option<u64>, storage::Error> {
+pub fn state_key_short(
+    db: &Db,
+    kind: &str,
+    state_key: &str,
+) -> Result<Option<u64>, storage::Error> {
     let key = keys::join(&[kind.as_bytes(), state_key.as_bytes()]);
     Ok(db.get_raw(STATE_KEY_TO_SHORT, &key)?.as_deref().and_then(keys::decode_u64))
 }
 
-fn state_key_short_or_new(db: &Db, batch: &mut Batch<'_>, kind: &str, state_key: &str) -> Result<u64, storage::Error> {
+fn state_key_short_or_new(
+    db: &Db,
+    batch: &mut Batch<'_>,
+    kind: &str,
+    state_key: &str,
+) -> Result<u64, storage::Error> {
     if let Some(short) = state_key_short(db, kind, state_key)? {
         return Ok(short);
     }
@@ -78,7 +87,11 @@ pub fn event_id_of_short(db: &Db, short: u64) -> Result<Option<OwnedEventId>, st
 
 /// Loads the full short state map of a snapshot (`None` is the empty state before a room's
 /// create event).
-pub fn load_snapshot(db: &Db, cache: &SnapshotCache, id: Option<u64>) -> Result<Arc<ShortState>, storage::Error> {
+pub fn load_snapshot(
+    db: &Db,
+    cache: &SnapshotCache,
+    id: Option<u64>,
+) -> Result<Arc<ShortState>, storage::Error> {
     let Some(id) = id else { return Ok(Arc::default()) };
     if let Some(state) = cache.get(id) {
         return Ok(state);
@@ -91,7 +104,9 @@ pub fn load_snapshot(db: &Db, cache: &SnapshotCache, id: Option<u64>) -> Result<
             base = state;
             break;
         }
-        let Some(snapshot) = db.get::<Snapshot>(SNAPSHOTS, &keys::encode_u64(current))? else { break };
+        let Some(snapshot) = db.get::<Snapshot>(SNAPSHOTS, &keys::encode_u64(current))? else {
+            break;
+        };
         next = snapshot.parent;
         chain.push(snapshot);
     }
@@ -119,7 +134,9 @@ pub fn add_to_snapshot(
     let state_key_short = state_key_short_or_new(db, batch, kind, state_key)?;
     let id = db.next_short(batch)?;
     let parent_depth = match parent {
-        Some(parent) => db.get::<Snapshot>(SNAPSHOTS, &keys::encode_u64(parent))?.map(|s| s.depth).unwrap_or(0),
+        Some(parent) => {
+            db.get::<Snapshot>(SNAPSHOTS, &keys::encode_u64(parent))?.map(|s| s.depth).unwrap_or(0)
+        }
         None => 0,
     };
     let mut full = (*load_snapshot(db, cache, parent)?).clone();
@@ -167,8 +184,16 @@ mod tests {
         let mut parent = None;
         for index in 0..(FULL_EVERY * 2 + 3) as u64 {
             let mut batch = db.batch();
-            let id = add_to_snapshot(&db, &cache, &mut batch, parent, "m.room.member", &format!("@u{}:x", index % 7), index + 1000)
-                .unwrap();
+            let id = add_to_snapshot(
+                &db,
+                &cache,
+                &mut batch,
+                parent,
+                "m.room.member",
+                &format!("@u{}:x", index % 7),
+                index + 1000,
+            )
+            .unwrap();
             db.write(batch).unwrap();
             parent = Some(id);
         }

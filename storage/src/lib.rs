@@ -209,7 +209,11 @@ impl Db {
     }
 
     /// Reads and decodes a JSON value.
-    pub fn get<T: serde::de::DeserializeOwned>(&self, table: &str, key: &[u8]) -> Result<Option<T>> {
+    pub fn get<T: serde::de::DeserializeOwned>(
+        &self,
+        table: &str,
+        key: &[u8],
+    ) -> Result<Option<T>> {
         match self.get_raw(table, key)? {
             None => Ok(None),
             Some(bytes) => serde_json::from_slice(&bytes)

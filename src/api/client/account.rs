@@ -81,7 +81,11 @@ async fn register(
     if let Some(password) = &body.password
         && password.len() > 512
     {
-        return Err(ApiError::new(axum::http::StatusCode::BAD_REQUEST, "M_WEAK_PASSWORD", "Password too long"));
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "M_WEAK_PASSWORD",
+            "Password too long",
+        ));
     }
     state
         .uia
@@ -116,7 +120,10 @@ struct AvailableQuery {
 }
 
 /// `GET /_matrix/client/v3/register/available`
-async fn register_available(State(state): State<AppState>, Query(query): Query<AvailableQuery>) -> ApiResult {
+async fn register_available(
+    State(state): State<AppState>,
+    Query(query): Query<AvailableQuery>,
+) -> ApiResult {
     let user_id = state.accounts.user_id_for(&query.username)?;
     if state.accounts.exists(&user_id)? {
         return Err(ApiError::user_in_use());
@@ -130,11 +137,16 @@ struct TokenQuery {
 }
 
 /// `GET /_matrix/client/v1/register/m.login.registration_token/validity`
-async fn registration_token_validity(State(state): State<AppState>, Query(query): Query<TokenQuery>) -> ApiResult {
+async fn registration_token_validity(
+    State(state): State<AppState>,
+    Query(query): Query<TokenQuery>,
+) -> ApiResult {
     if state.config.registration != Registration::Token {
         return Err(ApiError::forbidden("Registration tokens are not in use"));
     }
-    Ok(Json(json!({"valid": state.config.registration_token.as_deref() == Some(query.token.as_str())})))
+    Ok(Json(
+        json!({"valid": state.config.registration_token.as_deref() == Some(query.token.as_str())}),
+    ))
 }
 
 /// `GET /_matrix/client/v3/account/whoami`
@@ -155,8 +167,15 @@ fn default_true() -> bool {
 }
 
 /// `POST /_matrix/client/v3/account/password`
-async fn change_password(State(state): State<AppState>, auth: Auth, Body(body): Body<PasswordBody>) -> ApiResult {
-    state.uia.check(body.auth.as_ref(), &[&["m.login.password"]], password_stage(&state, &auth)).await?;
+async fn change_password(
+    State(state): State<AppState>,
+    auth: Auth,
+    Body(body): Body<PasswordBody>,
+) -> ApiResult {
+    state
+        .uia
+        .check(body.auth.as_ref(), &[&["m.login.password"]], password_stage(&state, &auth))
+        .await?;
     state.accounts.set_password(&auth.user_id, &body.new_password).await?;
     if body.logout_devices {
         state.accounts.delete_all_devices(&auth.user_id, Some(auth.device_id.as_str()))?;
@@ -166,7 +185,11 @@ async fn change_password(State(state): State<AppState>, auth: Auth, Body(body): 
 
 /// The `m.login.password` stage for the authenticated user.
 pub fn password_stage<'a>(state: &'a AppState, auth: &'a Auth) -> StageContext<'a> {
-    StageContext { user_id: Some(&auth.user_id), registration_token: None, accounts: &state.accounts }
+    StageContext {
+        user_id: Some(&auth.user_id),
+        registration_token: None,
+        accounts: &state.accounts,
+    }
 }
 
 #[derive(Deserialize)]
@@ -178,11 +201,20 @@ struct DeactivateBody {
 }
 
 /// `POST /_matrix/client/v3/account/deactivate`
-async fn deactivate(State(state): State<AppState>, auth: Auth, Body(body): Body<DeactivateBody>) -> ApiResult {
-    state.uia.check(body.auth.as_ref(), &[&["m.login.password"]], password_stage(&state, &auth)).await?;
+async fn deactivate(
+    State(state): State<AppState>,
+    auth: Auth,
+    Body(body): Body<DeactivateBody>,
+) -> ApiResult {
+    state
+        .uia
+        .check(body.auth.as_ref(), &[&["m.login.password"]], password_stage(&state, &auth))
+        .await?;
     for room_id in state.rooms.joined_rooms(&auth.user_id)? {
-        if let Err(error) =
-            state.rooms.set_membership(&room_id, &auth.user_id, &auth.user_id, "leave", None, None).await
+        if let Err(error) = state
+            .rooms
+            .set_membership(&room_id, &auth.user_id, &auth.user_id, "leave", None, None)
+            .await
         {
             tracing::warn!(%room_id, %error, "deactivated user could not leave room");
         }

@@ -16,10 +16,19 @@ use crate::api::{
 /// Routes of this module.
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/_matrix/client/v3/user/{userId}/account_data/{type}", get(get_global).put(set_global))
-        .route("/_matrix/client/v3/user/{userId}/rooms/{roomId}/account_data/{type}", get(get_room).put(set_room))
+        .route(
+            "/_matrix/client/v3/user/{userId}/account_data/{type}",
+            get(get_global).put(set_global),
+        )
+        .route(
+            "/_matrix/client/v3/user/{userId}/rooms/{roomId}/account_data/{type}",
+            get(get_room).put(set_room),
+        )
         .route("/_matrix/client/v3/user/{userId}/rooms/{roomId}/tags", get(get_tags))
-        .route("/_matrix/client/v3/user/{userId}/rooms/{roomId}/tags/{tag}", axum::routing::put(put_tag).delete(delete_tag))
+        .route(
+            "/_matrix/client/v3/user/{userId}/rooms/{roomId}/tags/{tag}",
+            axum::routing::put(put_tag).delete(delete_tag),
+        )
 }
 
 fn own(auth: &Auth, path: &PathIds) -> Result<OwnedUserId, ApiError> {
@@ -46,11 +55,19 @@ fn settable(kind: &str) -> Result<(), ApiError> {
 async fn get_global(State(state): State<AppState>, auth: Auth, path: PathIds) -> ApiResult {
     let user_id = own(&auth, &path)?;
     let content = state.account_data.get(&user_id, None, path.get("type")?)?;
-    content.filter(|content| content.as_object().is_some_and(|object| !object.is_empty())).map(Json).ok_or_else(|| ApiError::not_found("Account data not found"))
+    content
+        .filter(|content| content.as_object().is_some_and(|object| !object.is_empty()))
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("Account data not found"))
 }
 
 /// `PUT /_matrix/client/v3/user/{userId}/account_data/{type}`
-async fn set_global(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<Value>) -> ApiResult {
+async fn set_global(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<Value>,
+) -> ApiResult {
     let user_id = own(&auth, &path)?;
     let kind = path.get("type")?;
     settable(kind)?;
@@ -63,11 +80,19 @@ async fn get_room(State(state): State<AppState>, auth: Auth, path: PathIds) -> A
     let user_id = own(&auth, &path)?;
     let room_id: OwnedRoomId = path.id("roomId")?;
     let content = state.account_data.get(&user_id, Some(&room_id), path.get("type")?)?;
-    content.filter(|content| content.as_object().is_some_and(|object| !object.is_empty())).map(Json).ok_or_else(|| ApiError::not_found("Account data not found"))
+    content
+        .filter(|content| content.as_object().is_some_and(|object| !object.is_empty()))
+        .map(Json)
+        .ok_or_else(|| ApiError::not_found("Account data not found"))
 }
 
 /// `PUT /_matrix/client/v3/user/{userId}/rooms/{roomId}/account_data/{type}`
-async fn set_room(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<Value>) -> ApiResult {
+async fn set_room(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<Value>,
+) -> ApiResult {
     let user_id = own(&auth, &path)?;
     let room_id: OwnedRoomId = path.id("roomId")?;
     let kind = path.get("type")?;
@@ -76,7 +101,11 @@ async fn set_room(State(state): State<AppState>, auth: Auth, path: PathIds, Body
     Ok(Json(json!({})))
 }
 
-fn tags(state: &AppState, user_id: &OwnedUserId, room_id: &OwnedRoomId) -> Result<Map<String, Value>, ApiError> {
+fn tags(
+    state: &AppState,
+    user_id: &OwnedUserId,
+    room_id: &OwnedRoomId,
+) -> Result<Map<String, Value>, ApiError> {
     Ok(state
         .account_data
         .get(user_id, Some(room_id), "m.tag")?
@@ -92,7 +121,12 @@ async fn get_tags(State(state): State<AppState>, auth: Auth, path: PathIds) -> A
 }
 
 /// `PUT /_matrix/client/v3/user/{userId}/rooms/{roomId}/tags/{tag}`
-async fn put_tag(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<Map<String, Value>>) -> ApiResult {
+async fn put_tag(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<Map<String, Value>>,
+) -> ApiResult {
     let user_id = own(&auth, &path)?;
     let room_id: OwnedRoomId = path.id("roomId")?;
     if let Some(order) = body.get("order")

@@ -24,7 +24,10 @@ use crate::{
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/_matrix/client/v3/devices", get(get_devices))
-        .route("/_matrix/client/v3/devices/{deviceId}", get(get_device).put(update_device).delete(delete_device))
+        .route(
+            "/_matrix/client/v3/devices/{deviceId}",
+            get(get_device).put(update_device).delete(delete_device),
+        )
         .route("/_matrix/client/v3/delete_devices", post(delete_devices))
 }
 
@@ -38,13 +41,17 @@ fn device_json(device: &Device) -> Value {
 
 /// `GET /_matrix/client/v3/devices`
 async fn get_devices(State(state): State<AppState>, auth: Auth) -> ApiResult {
-    let devices: Vec<Value> = state.accounts.devices(&auth.user_id)?.iter().map(device_json).collect();
+    let devices: Vec<Value> =
+        state.accounts.devices(&auth.user_id)?.iter().map(device_json).collect();
     Ok(Json(json!({"devices": devices})))
 }
 
 /// `GET /_matrix/client/v3/devices/{deviceId}`
 async fn get_device(State(state): State<AppState>, auth: Auth, path: PathIds) -> ApiResult {
-    let device = state.accounts.device(&auth.user_id, path.get("deviceId")?)?.ok_or_else(|| ApiError::not_found("Unknown device"))?;
+    let device = state
+        .accounts
+        .device(&auth.user_id, path.get("deviceId")?)?
+        .ok_or_else(|| ApiError::not_found("Unknown device"))?;
     Ok(Json(device_json(&device)))
 }
 
@@ -54,7 +61,12 @@ struct UpdateBody {
 }
 
 /// `PUT /_matrix/client/v3/devices/{deviceId}`
-async fn update_device(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<UpdateBody>) -> ApiResult {
+async fn update_device(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<UpdateBody>,
+) -> ApiResult {
     state.accounts.rename_device(&auth.user_id, path.get("deviceId")?, body.display_name)?;
     Ok(Json(json!({})))
 }
@@ -65,12 +77,20 @@ struct DeleteBody {
 }
 
 /// `DELETE /_matrix/client/v3/devices/{deviceId}`
-async fn delete_device(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<DeleteBody>) -> ApiResult {
+async fn delete_device(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<DeleteBody>,
+) -> ApiResult {
     let device_id = path.get("deviceId")?;
     if state.accounts.device(&auth.user_id, device_id)?.is_none() {
         return Err(ApiError::not_found("Unknown device"));
     }
-    state.uia.check(body.auth.as_ref(), &[&["m.login.password"]], password_stage(&state, &auth)).await?;
+    state
+        .uia
+        .check(body.auth.as_ref(), &[&["m.login.password"]], password_stage(&state, &auth))
+        .await?;
     state.accounts.delete_device(&auth.user_id, device_id)?;
     Ok(Json(json!({})))
 }
@@ -82,8 +102,15 @@ struct DeleteManyBody {
 }
 
 /// `POST /_matrix/client/v3/delete_devices`
-async fn delete_devices(State(state): State<AppState>, auth: Auth, Body(body): Body<DeleteManyBody>) -> ApiResult {
-    state.uia.check(body.auth.as_ref(), &[&["m.login.password"]], password_stage(&state, &auth)).await?;
+async fn delete_devices(
+    State(state): State<AppState>,
+    auth: Auth,
+    Body(body): Body<DeleteManyBody>,
+) -> ApiResult {
+    state
+        .uia
+        .check(body.auth.as_ref(), &[&["m.login.password"]], password_stage(&state, &auth))
+        .await?;
     for device_id in &body.devices {
         match state.accounts.delete_device(&auth.user_id, device_id) {
             Ok(()) | Err(crate::accounts::AccountError::UnknownDevice) => {}

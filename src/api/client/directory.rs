@@ -18,9 +18,15 @@ use crate::api::{
 /// Routes of this module.
 pub fn routes() -> Router<AppState> {
     Router::new()
-        .route("/_matrix/client/v3/directory/room/{roomAlias}", get(get_alias).put(put_alias).delete(delete_alias))
+        .route(
+            "/_matrix/client/v3/directory/room/{roomAlias}",
+            get(get_alias).put(put_alias).delete(delete_alias),
+        )
         .route("/_matrix/client/v3/rooms/{roomId}/aliases", get(get_room_aliases))
-        .route("/_matrix/client/v3/directory/list/room/{roomId}", get(get_visibility).put(set_visibility))
+        .route(
+            "/_matrix/client/v3/directory/list/room/{roomId}",
+            get(get_visibility).put(set_visibility),
+        )
         .route("/_matrix/client/v3/publicRooms", get(get_public_rooms).post(post_public_rooms))
 }
 
@@ -34,7 +40,10 @@ async fn get_alias(State(state): State<AppState>, path: PathIds) -> ApiResult {
     if alias.server_name() != state.config.server_name {
         return Err(ApiError::not_found("Room alias not found (remote aliases need federation)"));
     }
-    let room_id = state.rooms.resolve_local_alias(&alias)?.ok_or_else(|| ApiError::not_found("Room alias not found"))?;
+    let room_id = state
+        .rooms
+        .resolve_local_alias(&alias)?
+        .ok_or_else(|| ApiError::not_found("Room alias not found"))?;
     Ok(Json(json!({"room_id": room_id, "servers": [state.config.server_name]})))
 }
 
@@ -44,7 +53,12 @@ struct PutAliasBody {
 }
 
 /// `PUT /_matrix/client/v3/directory/room/{roomAlias}`
-async fn put_alias(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<PutAliasBody>) -> ApiResult {
+async fn put_alias(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<PutAliasBody>,
+) -> ApiResult {
     let alias = alias(&path)?;
     if alias.server_name() != state.config.server_name {
         return Err(ApiError::invalid_param("Alias must be on this server"));
@@ -56,7 +70,9 @@ async fn put_alias(State(state): State<AppState>, auth: Auth, path: PathIds, Bod
         return Err(ApiError::forbidden("You are not in this room"));
     }
     match state.rooms.put_alias(&alias, &body.room_id, &auth.user_id) {
-        Err(crate::rooms::RoomError::AliasInUse) => Err(ApiError::conflict("Room alias already exists")),
+        Err(crate::rooms::RoomError::AliasInUse) => {
+            Err(ApiError::conflict("Room alias already exists"))
+        }
         Err(error) => Err(error.into()),
         Ok(()) => Ok(Json(json!({}))),
     }
@@ -95,7 +111,12 @@ struct VisibilityBody {
 }
 
 /// `PUT /_matrix/client/v3/directory/list/room/{roomId}`
-async fn set_visibility(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<VisibilityBody>) -> ApiResult {
+async fn set_visibility(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<VisibilityBody>,
+) -> ApiResult {
     let room_id: OwnedRoomId = path.id("roomId")?;
     if state.rooms.room(&room_id)?.is_none() {
         return Err(ApiError::not_found("Room not found"));
@@ -106,8 +127,12 @@ async fn set_visibility(State(state): State<AppState>, auth: Auth, path: PathIds
         _ => return Err(ApiError::invalid_param("visibility must be public or private")),
     };
     let levels = state.rooms.power_levels(&room_id)?;
-    if !auth.is_admin && levels.user_level(&auth.user_id) < levels.event_level("m.room.canonical_alias", true) {
-        return Err(ApiError::forbidden("You don't have permission to change the room's visibility"));
+    if !auth.is_admin
+        && levels.user_level(&auth.user_id) < levels.event_level("m.room.canonical_alias", true)
+    {
+        return Err(ApiError::forbidden(
+            "You don't have permission to change the room's visibility",
+        ));
     }
     state.rooms.set_public(&room_id, public)?;
     Ok(Json(json!({})))
@@ -128,7 +153,12 @@ struct PublicRoomsBody {
     filter: Option<Value>,
 }
 
-fn public_rooms(state: &AppState, limit: Option<usize>, since: Option<&str>, search: Option<&str>) -> ApiResult {
+fn public_rooms(
+    state: &AppState,
+    limit: Option<usize>,
+    since: Option<&str>,
+    search: Option<&str>,
+) -> ApiResult {
     let all = state.rooms.public_rooms(search)?;
     let start = match since {
         Some(since) => since
@@ -164,15 +194,32 @@ fn check_server(state: &AppState, server: Option<&str>) -> Result<(), ApiError> 
 }
 
 /// `GET /_matrix/client/v3/publicRooms`
-async fn get_public_rooms(State(state): State<AppState>, Query(query): Query<PublicRoomsQuery>) -> ApiResult {
+async fn get_public_rooms(
+    State(state): State<AppState>,
+    Query(query): Query<PublicRoomsQuery>,
+) -> ApiResult {
     check_server(&state, query.server.as_deref())?;
-    let limit = query.limit.as_deref().map(str::parse::<usize>).transpose().map_err(|_| ApiError::invalid_param("Invalid limit"))?;
+    let limit = query
+        .limit
+        .as_deref()
+        .map(str::parse::<usize>)
+        .transpose()
+        .map_err(|_| ApiError::invalid_param("Invalid limit"))?;
     public_rooms(&state, limit, query.since.as_deref(), None)
 }
 
 /// `POST /_matrix/client/v3/publicRooms`
-async fn post_public_rooms(State(state): State<AppState>, _auth: Auth, Query(query): Query<PublicRoomsQuery>, Body(body): Body<PublicRoomsBody>) -> ApiResult {
+async fn post_public_rooms(
+    State(state): State<AppState>,
+    _auth: Auth,
+    Query(query): Query<PublicRoomsQuery>,
+    Body(body): Body<PublicRoomsBody>,
+) -> ApiResult {
     check_server(&state, query.server.as_deref().or(body.server.as_deref()))?;
-    let search = body.filter.as_ref().and_then(|filter| filter.get("generic_search_term")).and_then(Value::as_str);
+    let search = body
+        .filter
+        .as_ref()
+        .and_then(|filter| filter.get("generic_search_term"))
+        .and_then(Value::as_str);
     public_rooms(&state, body.limit, body.since.as_deref(), search)
 }

@@ -35,7 +35,8 @@ async fn versions() -> Json<Value> {
 
 /// `GET /.well-known/matrix/client`
 async fn well_known_client(State(config): State<Arc<Config>>) -> Json<Value> {
-    let base_url = config.public_base_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
+    let base_url =
+        config.public_base_url.clone().unwrap_or_else(|| format!("http://{}", config.listen));
     Json(json!({"m.homeserver": {"base_url": base_url}}))
 }
 
@@ -53,8 +54,10 @@ async fn well_known_server(State(config): State<Arc<Config>>) -> Json<Value> {
 
 /// `GET /_matrix/client/v3/capabilities`
 async fn capabilities(State(config): State<Arc<Config>>, _auth: Auth) -> ApiResult {
-    let available: serde_json::Map<String, Value> =
-        creatable_versions().into_iter().map(|version| (version.to_string(), json!("stable"))).collect();
+    let available: serde_json::Map<String, Value> = creatable_versions()
+        .into_iter()
+        .map(|version| (version.to_string(), json!("stable")))
+        .collect();
     Ok(Json(json!({
         "capabilities": {
             "m.change_password": {"enabled": true},

@@ -29,7 +29,10 @@ use crate::{
 pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/_matrix/client/v3/rooms/{roomId}/typing/{userId}", put(set_typing))
-        .route("/_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}", post(post_receipt))
+        .route(
+            "/_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}",
+            post(post_receipt),
+        )
         .route("/_matrix/client/v3/rooms/{roomId}/read_markers", post(set_read_markers))
         .route("/_matrix/client/v3/presence/{userId}/status", get(get_presence).put(set_presence))
 }
@@ -41,7 +44,12 @@ struct TypingBody {
 }
 
 /// `PUT /_matrix/client/v3/rooms/{roomId}/typing/{userId}`
-async fn set_typing(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<TypingBody>) -> ApiResult {
+async fn set_typing(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<TypingBody>,
+) -> ApiResult {
     let room_id: OwnedRoomId = path.id("roomId")?;
     let user_id: OwnedUserId = path.id("userId")?;
     if user_id != auth.user_id {
@@ -87,12 +95,19 @@ struct ReceiptBody {
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/receipt/{receiptType}/{eventId}`
-async fn post_receipt(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<ReceiptBody>) -> ApiResult {
+async fn post_receipt(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<ReceiptBody>,
+) -> ApiResult {
     let room_id: OwnedRoomId = path.id("roomId")?;
     let event_id: OwnedEventId = path.id("eventId")?;
     let receipt_type = path.get("receiptType")?;
     match receipt_type {
-        "m.read" | "m.read.private" => receipt(&state, &auth, &room_id, receipt_type, &event_id, body.thread_id)?,
+        "m.read" | "m.read.private" => {
+            receipt(&state, &auth, &room_id, receipt_type, &event_id, body.thread_id)?
+        }
         "m.fully_read" => {
             if body.thread_id.is_some() {
                 return Err(ApiError::bad_json("m.fully_read cannot be threaded"));
@@ -104,14 +119,24 @@ async fn post_receipt(State(state): State<AppState>, auth: Auth, path: PathIds, 
     Ok(Json(json!({})))
 }
 
-fn set_fully_read(state: &AppState, auth: &Auth, room_id: &RoomId, event_id: &OwnedEventId) -> Result<(), ApiError> {
+fn set_fully_read(
+    state: &AppState,
+    auth: &Auth,
+    room_id: &RoomId,
+    event_id: &OwnedEventId,
+) -> Result<(), ApiError> {
     if !state.rooms.is_joined(room_id, &auth.user_id)? {
         return Err(ApiError::forbidden("You are not in this room"));
     }
     if state.rooms.meta(event_id)?.is_none_or(|meta| meta.room_id != room_id) {
         return Err(ApiError::not_found("Event not found"));
     }
-    state.account_data.set(&auth.user_id, Some(room_id), "m.fully_read", json!({"event_id": event_id}))?;
+    state.account_data.set(
+        &auth.user_id,
+        Some(room_id),
+        "m.fully_read",
+        json!({"event_id": event_id}),
+    )?;
     Ok(())
 }
 
@@ -126,7 +151,12 @@ struct MarkersBody {
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/read_markers`
-async fn set_read_markers(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<MarkersBody>) -> ApiResult {
+async fn set_read_markers(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<MarkersBody>,
+) -> ApiResult {
     let room_id: OwnedRoomId = path.id("roomId")?;
     if !state.rooms.is_joined(&room_id, &auth.user_id)? {
         return Err(ApiError::forbidden("You are not in this room"));
@@ -165,7 +195,12 @@ struct PresenceBody {
 }
 
 /// `PUT /_matrix/client/v3/presence/{userId}/status`
-async fn set_presence(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<PresenceBody>) -> ApiResult {
+async fn set_presence(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<PresenceBody>,
+) -> ApiResult {
     let user_id: OwnedUserId = path.id("userId")?;
     if user_id != auth.user_id {
         return Err(ApiError::forbidden("Cannot set another user's presence"));

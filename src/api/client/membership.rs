@@ -44,7 +44,12 @@ fn profile(state: &AppState, auth: &Auth) -> Result<(Option<String>, Option<Stri
     Ok((account.displayname, account.avatar_url))
 }
 
-async fn join_room(state: &AppState, auth: &Auth, room_id: &RoomId, reason: Option<String>) -> ApiResult {
+async fn join_room(
+    state: &AppState,
+    auth: &Auth,
+    room_id: &RoomId,
+    reason: Option<String>,
+) -> ApiResult {
     let known = state.rooms.room(room_id)?.is_some();
     if !known {
         return Err(ApiError::not_found("No known servers to join the room through"));
@@ -62,11 +67,15 @@ async fn join_by_id_or_alias(
 ) -> ApiResult {
     let target = path.get("roomIdOrAlias")?;
     let room_id: OwnedRoomId = if target.starts_with('#') {
-        let alias = RoomAliasId::parse(target).map_err(|_| ApiError::invalid_param("Invalid room alias"))?;
+        let alias = RoomAliasId::parse(target)
+            .map_err(|_| ApiError::invalid_param("Invalid room alias"))?;
         if alias.server_name() != state.config.server_name {
             return Err(ApiError::not_found("Cannot resolve remote aliases yet"));
         }
-        state.rooms.resolve_local_alias(&alias)?.ok_or_else(|| ApiError::not_found("Room alias not found"))?
+        state
+            .rooms
+            .resolve_local_alias(&alias)?
+            .ok_or_else(|| ApiError::not_found("Room alias not found"))?
     } else {
         parse_id(target, "room id or alias")?
     };
@@ -74,7 +83,12 @@ async fn join_by_id_or_alias(
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/join`
-async fn join_by_id(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<ReasonBody>) -> ApiResult {
+async fn join_by_id(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<ReasonBody>,
+) -> ApiResult {
     let room_id: OwnedRoomId = path.id("roomId")?;
     join_room(&state, &auth, &room_id, body.reason).await
 }
@@ -104,22 +118,36 @@ async fn change(
         return Err(ApiError::not_found("Unknown user"));
     }
     if let Some(expected) = expect_current {
-        let current = state.rooms.membership(&room_id, &body.user_id)?.map(|record| record.membership);
+        let current =
+            state.rooms.membership(&room_id, &body.user_id)?.map(|record| record.membership);
         if current.as_deref() != Some(expected) {
             return Err(ApiError::forbidden(format!("The user's membership is not {expected}")));
         }
     }
-    state.rooms.set_membership(&room_id, &auth.user_id, &body.user_id, membership, body.reason, None).await?;
+    state
+        .rooms
+        .set_membership(&room_id, &auth.user_id, &body.user_id, membership, body.reason, None)
+        .await?;
     Ok(Json(json!({})))
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/invite`
-async fn invite(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<TargetBody>) -> ApiResult {
+async fn invite(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<TargetBody>,
+) -> ApiResult {
     change(&state, &auth, &path, body, "invite", None).await
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/kick`
-async fn kick(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<TargetBody>) -> ApiResult {
+async fn kick(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<TargetBody>,
+) -> ApiResult {
     let room_id: OwnedRoomId = path.id("roomId")?;
     let current = state.rooms.membership(&room_id, &body.user_id)?.map(|record| record.membership);
     if !matches!(current.as_deref(), Some("join" | "invite" | "knock")) {
@@ -129,22 +157,40 @@ async fn kick(State(state): State<AppState>, auth: Auth, path: PathIds, Body(bod
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/ban`
-async fn ban(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<TargetBody>) -> ApiResult {
+async fn ban(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<TargetBody>,
+) -> ApiResult {
     change(&state, &auth, &path, body, "ban", None).await
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/unban`
-async fn unban(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<TargetBody>) -> ApiResult {
+async fn unban(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<TargetBody>,
+) -> ApiResult {
     change(&state, &auth, &path, body, "leave", Some("ban")).await
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/leave`
-async fn leave(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<ReasonBody>) -> ApiResult {
+async fn leave(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<ReasonBody>,
+) -> ApiResult {
     let room_id: OwnedRoomId = path.id("roomId")?;
     let current = state.rooms.membership(&room_id, &auth.user_id)?.map(|record| record.membership);
     match current.as_deref() {
         Some("join" | "invite" | "knock") => {
-            state.rooms.set_membership(&room_id, &auth.user_id, &auth.user_id, "leave", body.reason, None).await?;
+            state
+                .rooms
+                .set_membership(&room_id, &auth.user_id, &auth.user_id, "leave", body.reason, None)
+                .await?;
         }
         Some("leave" | "ban") => {}
         _ => return Err(ApiError::forbidden("You are not a member of this room")),
@@ -172,20 +218,30 @@ async fn joined_rooms(State(state): State<AppState>, auth: Auth) -> ApiResult {
 
 /// Checks that the user may read the room's members and state: joined now, or was once (then
 /// they see it as of when they left).
-pub fn visible_until(state: &AppState, auth: &Auth, room_id: &RoomId) -> Result<Option<u64>, ApiError> {
+pub fn visible_until(
+    state: &AppState,
+    auth: &Auth,
+    room_id: &RoomId,
+) -> Result<Option<u64>, ApiError> {
     if state.rooms.room(room_id)?.is_none() {
         return Err(ApiError::forbidden("You are not a member of this room"));
     }
     match state.rooms.membership(room_id, &auth.user_id)? {
         Some(record) if record.membership == "join" => Ok(None),
-        Some(record) if record.membership == "leave" || record.membership == "ban" => Ok(Some(record.position)),
+        Some(record) if record.membership == "leave" || record.membership == "ban" => {
+            Ok(Some(record.position))
+        }
         _ => {
             let readable = state
                 .rooms
                 .current_state_content(room_id, "m.room.history_visibility", "")?
                 .and_then(|content| content.get("history_visibility").cloned())
                 == Some(json!("world_readable"));
-            if readable { Ok(None) } else { Err(ApiError::forbidden("You are not a member of this room")) }
+            if readable {
+                Ok(None)
+            } else {
+                Err(ApiError::forbidden("You are not a member of this room"))
+            }
         }
     }
 }
@@ -198,7 +254,10 @@ async fn joined_members(State(state): State<AppState>, auth: Auth, path: PathIds
     }
     let mut joined = Map::new();
     for user_id in state.rooms.joined_members(&room_id)? {
-        let content = state.rooms.current_state_content(&room_id, "m.room.member", user_id.as_str())?.unwrap_or_default();
+        let content = state
+            .rooms
+            .current_state_content(&room_id, "m.room.member", user_id.as_str())?
+            .unwrap_or_default();
         joined.insert(
             user_id.to_string(),
             json!({
@@ -218,11 +277,19 @@ struct MembersQuery {
 }
 
 /// `GET /_matrix/client/v3/rooms/{roomId}/members`
-async fn members(State(state): State<AppState>, auth: Auth, path: PathIds, Query(query): Query<MembersQuery>) -> ApiResult {
+async fn members(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Query(query): Query<MembersQuery>,
+) -> ApiResult {
     let room_id: OwnedRoomId = path.id("roomId")?;
     let until = visible_until(&state, &auth, &room_id)?;
     let at = match &query.at {
-        Some(token) => Some(crate::sync::parse_token(token).ok_or_else(|| ApiError::invalid_param("Invalid at token"))?),
+        Some(token) => Some(
+            crate::sync::parse_token(token)
+                .ok_or_else(|| ApiError::invalid_param("Invalid at token"))?,
+        ),
         None => None,
     };
     let at = match (at, until) {
@@ -230,7 +297,9 @@ async fn members(State(state): State<AppState>, auth: Auth, path: PathIds, Query
         (at, until) => at.or(until),
     };
     let state_ids = match at {
-        Some(position) => state.rooms.state_at(state.rooms.snapshot_at_position(&room_id, position)?)?,
+        Some(position) => {
+            state.rooms.state_at(state.rooms.snapshot_at_position(&room_id, position)?)?
+        }
         None => state.rooms.current_state_ids(&room_id)?,
     };
     let mut chunk = Vec::new();
@@ -238,7 +307,9 @@ async fn members(State(state): State<AppState>, auth: Auth, path: PathIds, Query
         if kind != "m.room.member" {
             continue;
         }
-        let Some((pdu, _, value)) = state.rooms.client_event_by_id(&event_id, Some((&auth.user_id, &auth.device_id)))? else {
+        let Some((pdu, _, value)) =
+            state.rooms.client_event_by_id(&event_id, Some((&auth.user_id, &auth.device_id)))?
+        else {
             continue;
         };
         let membership = pdu.membership().unwrap_or_default();

@@ -35,19 +35,28 @@ struct MessagesQuery {
     filter: Option<String>,
 }
 
-fn room_filter(state: &AppState, auth: &Auth, filter: Option<&str>) -> Result<EventFilter, ApiError> {
+fn room_filter(
+    state: &AppState,
+    auth: &Auth,
+    filter: Option<&str>,
+) -> Result<EventFilter, ApiError> {
     let Some(raw) = filter.filter(|raw| !raw.is_empty()) else { return Ok(EventFilter::default()) };
-    let value: Value = serde_json::from_str(raw).map_err(|_| ApiError::not_json("Invalid filter JSON"))?;
+    let value: Value =
+        serde_json::from_str(raw).map_err(|_| ApiError::not_json("Invalid filter JSON"))?;
     if value.get("room").is_some() {
         return Ok(resolve_filter(state, auth, Some(raw))?.room.timeline);
     }
-    serde_json::from_value(value).map_err(|error| ApiError::bad_json(format!("Invalid filter: {error}")))
+    serde_json::from_value(value)
+        .map_err(|error| ApiError::bad_json(format!("Invalid filter: {error}")))
 }
 
 fn parse_limit(limit: Option<&str>, default: usize, max: usize) -> Result<usize, ApiError> {
     match limit {
         None => Ok(default),
-        Some(limit) => limit.parse::<usize>().map(|limit| limit.min(max)).map_err(|_| ApiError::invalid_param("Invalid limit")),
+        Some(limit) => limit
+            .parse::<usize>()
+            .map(|limit| limit.min(max))
+            .map_err(|_| ApiError::invalid_param("Invalid limit")),
     }
 }
 
@@ -74,7 +83,10 @@ fn paginate(
             if picked.len() == limit {
                 return Ok((picked, true));
             }
-            let (Some(pdu), Some(meta)) = (state.rooms.pdu(event_id)?, state.rooms.meta(event_id)?) else { continue };
+            let (Some(pdu), Some(meta)) = (state.rooms.pdu(event_id)?, state.rooms.meta(event_id)?)
+            else {
+                continue;
+            };
             if filter.allows_pdu(&pdu) {
                 picked.push((pdu, meta));
             }
@@ -83,14 +95,22 @@ fn paginate(
 }
 
 /// Member events of the senders of `events` at the given snapshot, for lazy loading.
-fn lazy_members(state: &AppState, auth: &Auth, room_id: &RoomId, events: &[(Pdu, EventMeta)]) -> Result<Vec<Value>, ApiError> {
-    let mut senders: Vec<&ruma::UserId> = events.iter().map(|(pdu, _)| pdu.sender.as_ref()).collect();
+fn lazy_members(
+    state: &AppState,
+    auth: &Auth,
+    room_id: &RoomId,
+    events: &[(Pdu, EventMeta)],
+) -> Result<Vec<Value>, ApiError> {
+    let mut senders: Vec<&ruma::UserId> =
+        events.iter().map(|(pdu, _)| pdu.sender.as_ref()).collect();
     senders.sort();
     senders.dedup();
     let mut members = Vec::new();
     for sender in senders {
-        if let Some(event_id) = state.rooms.current_state_event_id(room_id, "m.room.member", sender.as_str())?
-            && let Some((_, _, value)) = state.rooms.client_event_by_id(&event_id, Some((&auth.user_id, &auth.device_id)))?
+        if let Some(event_id) =
+            state.rooms.current_state_event_id(room_id, "m.room.member", sender.as_str())?
+            && let Some((_, _, value)) =
+                state.rooms.client_event_by_id(&event_id, Some((&auth.user_id, &auth.device_id)))?
         {
             members.push(value);
         }
@@ -99,7 +119,12 @@ fn lazy_members(state: &AppState, auth: &Auth, room_id: &RoomId, events: &[(Pdu,
 }
 
 /// `GET /_matrix/client/v3/rooms/{roomId}/messages`
-async fn get_messages(State(state): State<AppState>, auth: Auth, path: PathIds, Query(query): Query<MessagesQuery>) -> ApiResult {
+async fn get_messages(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Query(query): Query<MessagesQuery>,
+) -> ApiResult {
     let room_id: OwnedRoomId = path.id("roomId")?;
     let direction = match query.dir.as_deref() {
         Some("b") | None => Direction::Backward,
@@ -110,7 +135,9 @@ async fn get_messages(State(state): State<AppState>, auth: Auth, path: PathIds, 
     let limit = parse_limit(query.limit.as_deref(), 10, state.config.timeline_limit_max)?;
     let filter = room_filter(&state, &auth, query.filter.as_deref())?;
     let ceiling = until.unwrap_or_else(|| state.rooms.position());
-    let parse = |raw: &str| parse_token(raw).ok_or_else(|| ApiError::invalid_param("Invalid pagination token"));
+    let parse = |raw: &str| {
+        parse_token(raw).ok_or_else(|| ApiError::invalid_param("Invalid pagination token"))
+    };
     let from = match query.from.as_deref() {
         Some(raw) => parse(raw)?,
         None => match direction {
@@ -121,9 +148,15 @@ async fn get_messages(State(state): State<AppState>, auth: Auth, path: PathIds, 
     let to = query.to.as_deref().map(parse).transpose()?;
     let (events, more) = match direction {
         // Backwards from token n: positions n, n-1, ... down to (exclusive) `to`.
-        Direction::Backward => {
-            paginate(&state, &room_id, from.min(ceiling).saturating_add(1), to.map(|to| to + 1), direction, limit, &filter)?
-        }
+        Direction::Backward => paginate(
+            &state,
+            &room_id,
+            from.min(ceiling).saturating_add(1),
+            to.map(|to| to + 1),
+            direction,
+            limit,
+            &filter,
+        )?,
         // Forwards from token n: positions n+1, ... up to (inclusive) `to` and the ceiling.
         Direction::Forward => {
             let stop = to.map_or(ceiling, |to| to.min(ceiling));
@@ -132,7 +165,9 @@ async fn get_messages(State(state): State<AppState>, auth: Auth, path: PathIds, 
     };
     let chunk: Vec<Value> = events
         .iter()
-        .map(|(pdu, meta)| state.rooms.client_event(pdu, Some(meta), Some((&auth.user_id, &auth.device_id))))
+        .map(|(pdu, meta)| {
+            state.rooms.client_event(pdu, Some(meta), Some((&auth.user_id, &auth.device_id)))
+        })
         .collect::<Result<_, _>>()?;
     let mut answer = json!({"chunk": chunk, "start": token(from)});
     if more && let Some((_, meta)) = events.last() {
@@ -155,7 +190,12 @@ struct ContextQuery {
 }
 
 /// `GET /_matrix/client/v3/rooms/{roomId}/context/{eventId}`
-async fn get_context(State(state): State<AppState>, auth: Auth, path: PathIds, Query(query): Query<ContextQuery>) -> ApiResult {
+async fn get_context(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Query(query): Query<ContextQuery>,
+) -> ApiResult {
     let room_id: OwnedRoomId = path.id("roomId")?;
     let event_id: OwnedEventId = path.id("eventId")?;
     let until = visible_until(&state, &auth, &room_id)?;
@@ -171,12 +211,34 @@ async fn get_context(State(state): State<AppState>, auth: Auth, path: PathIds, Q
     let ceiling = until.unwrap_or_else(|| state.rooms.position());
     let before_limit = limit / 2;
     let after_limit = limit - before_limit;
-    let (before, _) = paginate(&state, &room_id, meta.position, None, Direction::Backward, before_limit, &filter)?;
-    let (after, _) = paginate(&state, &room_id, meta.position, Some(ceiling), Direction::Forward, after_limit, &filter)?;
+    let (before, _) = paginate(
+        &state,
+        &room_id,
+        meta.position,
+        None,
+        Direction::Backward,
+        before_limit,
+        &filter,
+    )?;
+    let (after, _) = paginate(
+        &state,
+        &room_id,
+        meta.position,
+        Some(ceiling),
+        Direction::Forward,
+        after_limit,
+        &filter,
+    )?;
     let render = |events: &[(Pdu, EventMeta)]| -> Result<Vec<Value>, ApiError> {
         events
             .iter()
-            .map(|(pdu, meta)| Ok(state.rooms.client_event(pdu, Some(meta), Some((&auth.user_id, &auth.device_id)))?))
+            .map(|(pdu, meta)| {
+                Ok(state.rooms.client_event(
+                    pdu,
+                    Some(meta),
+                    Some((&auth.user_id, &auth.device_id)),
+                )?)
+            })
             .collect()
     };
     let start = before.last().map_or(meta.position, |(_, meta)| meta.position) - 1;
@@ -185,12 +247,16 @@ async fn get_context(State(state): State<AppState>, auth: Auth, path: PathIds, Q
     let mut state_events = Vec::new();
     for ((kind, state_key), state_event_id) in state.rooms.state_at(last_snapshot)? {
         if filter.lazy_load_members && kind == "m.room.member" {
-            let wanted = std::iter::once(&pdu).chain(before.iter().chain(after.iter()).map(|(pdu, _)| pdu));
+            let wanted =
+                std::iter::once(&pdu).chain(before.iter().chain(after.iter()).map(|(pdu, _)| pdu));
             if !wanted.clone().any(|event| event.sender.as_str() == state_key) {
                 continue;
             }
         }
-        if let Some((_, _, value)) = state.rooms.client_event_by_id(&state_event_id, Some((&auth.user_id, &auth.device_id)))? {
+        if let Some((_, _, value)) = state
+            .rooms
+            .client_event_by_id(&state_event_id, Some((&auth.user_id, &auth.device_id)))?
+        {
             state_events.push(value);
         }
     }

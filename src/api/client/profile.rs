@@ -15,9 +15,10 @@ use crate::api::{
 
 /// Routes of this module.
 pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/_matrix/client/v3/profile/{userId}", get(get_profile))
-        .route("/_matrix/client/v3/profile/{userId}/{keyName}", get(get_profile_field).put(set_profile_field))
+    Router::new().route("/_matrix/client/v3/profile/{userId}", get(get_profile)).route(
+        "/_matrix/client/v3/profile/{userId}/{keyName}",
+        get(get_profile_field).put(set_profile_field),
+    )
 }
 
 fn profile_of(state: &AppState, path: &PathIds) -> Result<(OwnedUserId, Value), ApiError> {
@@ -57,7 +58,12 @@ async fn get_profile_field(State(state): State<AppState>, path: PathIds) -> ApiR
 struct FieldBody(serde_json::Map<String, Value>);
 
 /// `PUT /_matrix/client/v3/profile/{userId}/{keyName}`
-async fn set_profile_field(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<FieldBody>) -> ApiResult {
+async fn set_profile_field(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<FieldBody>,
+) -> ApiResult {
     let user_id: OwnedUserId = path.id("userId")?;
     if user_id != auth.user_id {
         return Err(ApiError::forbidden("Cannot change another user's profile"));
@@ -71,11 +77,14 @@ async fn set_profile_field(State(state): State<AppState>, auth: Auth, path: Path
     if value.as_ref().is_some_and(|text| text.len() > 256) {
         return Err(ApiError::bad_json(format!("{key} is too long")));
     }
-    let mut account = state.accounts.account(&user_id)?.ok_or_else(|| ApiError::not_found("Unknown user"))?;
+    let mut account =
+        state.accounts.account(&user_id)?.ok_or_else(|| ApiError::not_found("Unknown user"))?;
     match key {
         "displayname" => account.displayname = value,
         "avatar_url" => {
-            if value.as_ref().is_some_and(|url| !url.starts_with("mxc://")) && value.as_deref() != Some("") {
+            if value.as_ref().is_some_and(|url| !url.starts_with("mxc://"))
+                && value.as_deref() != Some("")
+            {
                 return Err(ApiError::bad_json("avatar_url must be an mxc:// URI"));
             }
             account.avatar_url = value.filter(|url| !url.is_empty());
@@ -83,6 +92,9 @@ async fn set_profile_field(State(state): State<AppState>, auth: Auth, path: Path
         _ => return Err(ApiError::bad_json("Only displayname and avatar_url can be set")),
     }
     state.accounts.put_account(&user_id, &account)?;
-    state.rooms.update_profile_in_rooms(&user_id, (account.displayname, account.avatar_url)).await?;
+    state
+        .rooms
+        .update_profile_in_rooms(&user_id, (account.displayname, account.avatar_url))
+        .await?;
     Ok(Json(json!({})))
 }

@@ -44,7 +44,11 @@ struct LoginBody {
 /// `POST /_matrix/client/v3/login`
 async fn login(State(state): State<AppState>, Body(body): Body<LoginBody>) -> ApiResult {
     if body.kind != "m.login.password" {
-        return Err(ApiError::new(axum::http::StatusCode::BAD_REQUEST, "M_UNKNOWN", "Unknown login type"));
+        return Err(ApiError::new(
+            axum::http::StatusCode::BAD_REQUEST,
+            "M_UNKNOWN",
+            "Unknown login type",
+        ));
     }
     let user = match &body.identifier {
         Some(identifier) => {
@@ -60,7 +64,8 @@ async fn login(State(state): State<AppState>, Body(body): Body<LoginBody>) -> Ap
         None => body.user.clone(),
     };
     let user = user.ok_or_else(|| ApiError::missing_param("Missing user identifier"))?;
-    let password = body.password.as_deref().ok_or_else(|| ApiError::missing_param("Missing password"))?;
+    let password =
+        body.password.as_deref().ok_or_else(|| ApiError::missing_param("Missing password"))?;
     let forbidden = || ApiError::forbidden("Invalid username or password");
     let user_id = state.accounts.parse_user(&user).ok_or_else(forbidden)?;
     let account = state.accounts.account(&user_id)?.ok_or_else(forbidden)?;

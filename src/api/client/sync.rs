@@ -44,24 +44,38 @@ struct SyncQuery {
 }
 
 /// Resolves the `filter` parameter: a stored filter id or inline JSON.
-pub fn resolve_filter(state: &AppState, auth: &Auth, filter: Option<&str>) -> Result<Filter, ApiError> {
-    let Some(filter) = filter.filter(|filter| !filter.is_empty()) else { return Ok(Filter::default()) };
+pub fn resolve_filter(
+    state: &AppState,
+    auth: &Auth,
+    filter: Option<&str>,
+) -> Result<Filter, ApiError> {
+    let Some(filter) = filter.filter(|filter| !filter.is_empty()) else {
+        return Ok(Filter::default());
+    };
     let value: Value = if filter.trim_start().starts_with('{') {
-        serde_json::from_str(filter).map_err(|error| ApiError::not_json(format!("Invalid filter JSON: {error}")))?
+        serde_json::from_str(filter)
+            .map_err(|error| ApiError::not_json(format!("Invalid filter JSON: {error}")))?
     } else {
         state
             .accounts
             .filter(&auth.user_id, filter)?
             .ok_or_else(|| ApiError::not_found("No such filter").with("errcode", "M_NOT_FOUND"))?
     };
-    serde_json::from_value(value).map_err(|error| ApiError::bad_json(format!("Invalid filter: {error}")))
+    serde_json::from_value(value)
+        .map_err(|error| ApiError::bad_json(format!("Invalid filter: {error}")))
 }
 
 /// `GET /_matrix/client/v3/sync`
-async fn sync_events(State(state): State<AppState>, auth: Auth, Query(query): Query<SyncQuery>) -> ApiResult {
+async fn sync_events(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(query): Query<SyncQuery>,
+) -> ApiResult {
     let filter = resolve_filter(&state, &auth, query.filter.as_deref())?;
     let since = match query.since.as_deref() {
-        Some(since) => Some(parse_token(since).ok_or_else(|| ApiError::invalid_param("Invalid since token"))?),
+        Some(since) => {
+            Some(parse_token(since).ok_or_else(|| ApiError::invalid_param("Invalid since token"))?)
+        }
         None => None,
     };
     let timeout_ms: u64 = match query.timeout.as_deref() {
@@ -78,7 +92,10 @@ async fn sync_events(State(state): State<AppState>, auth: Auth, Query(query): Qu
         return Err(ApiError::invalid_param("Invalid set_presence"));
     }
     if presence != "offline"
-        && state.ephemeral.presence(&auth.user_id)?.is_none_or(|current| current.presence != presence)
+        && state
+            .ephemeral
+            .presence(&auth.user_id)?
+            .is_none_or(|current| current.presence != presence)
     {
         state.ephemeral.set_presence(&auth.user_id, presence, None)?;
     }
@@ -102,10 +119,15 @@ fn own_user(auth: &Auth, path: &PathIds) -> Result<OwnedUserId, ApiError> {
 }
 
 /// `POST /_matrix/client/v3/user/{userId}/filter`
-async fn create_filter(State(state): State<AppState>, auth: Auth, path: PathIds, Body(body): Body<Value>) -> ApiResult {
+async fn create_filter(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<Value>,
+) -> ApiResult {
     let user_id = own_user(&auth, &path)?;
-    let filter: Filter =
-        serde_json::from_value(body.clone()).map_err(|error| ApiError::bad_json(format!("Invalid filter: {error}")))?;
+    let filter: Filter = serde_json::from_value(body.clone())
+        .map_err(|error| ApiError::bad_json(format!("Invalid filter: {error}")))?;
     let _ = filter;
     let filter_id = state.accounts.create_filter(&user_id, &body)?;
     Ok(Json(json!({"filter_id": filter_id})))
@@ -114,6 +136,9 @@ async fn create_filter(State(state): State<AppState>, auth: Auth, path: PathIds,
 /// `GET /_matrix/client/v3/user/{userId}/filter/{filterId}`
 async fn get_filter(State(state): State<AppState>, auth: Auth, path: PathIds) -> ApiResult {
     let user_id = own_user(&auth, &path)?;
-    let filter = state.accounts.filter(&user_id, path.get("filterId")?)?.ok_or_else(|| ApiError::not_found("No such filter"))?;
+    let filter = state
+        .accounts
+        .filter(&user_id, path.get("filterId")?)?
+        .ok_or_else(|| ApiError::not_found("No such filter"))?;
     Ok(Json(filter))
 }

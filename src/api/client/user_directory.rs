@@ -30,22 +30,33 @@ fn default_limit() -> usize {
 }
 
 /// `POST /_matrix/client/v3/user_directory/search`
-async fn search_users(State(state): State<AppState>, auth: Auth, Body(body): Body<SearchBody>) -> ApiResult {
+async fn search_users(
+    State(state): State<AppState>,
+    auth: Auth,
+    Body(body): Body<SearchBody>,
+) -> ApiResult {
     let term = body.search_term.to_lowercase();
     let mut visible = std::collections::BTreeSet::new();
     for room_id in state.rooms.joined_rooms(&auth.user_id)? {
         visible.extend(state.rooms.joined_members(&room_id)?);
     }
     for room in state.rooms.public_rooms(None)? {
-        if let Some(room_id) = room.get("room_id").and_then(Value::as_str).and_then(|id| ruma::RoomId::parse(id).ok()) {
+        if let Some(room_id) =
+            room.get("room_id").and_then(Value::as_str).and_then(|id| ruma::RoomId::parse(id).ok())
+        {
             visible.extend(state.rooms.joined_members(&room_id)?);
         }
     }
     let mut results = Vec::new();
     for user_id in visible {
-        let Some(account) = state.accounts.account(&user_id)?.filter(|account| !account.deactivated) else { continue };
+        let Some(account) =
+            state.accounts.account(&user_id)?.filter(|account| !account.deactivated)
+        else {
+            continue;
+        };
         let name = account.displayname.clone().unwrap_or_default();
-        if !user_id.as_str().to_lowercase().contains(&term) && !name.to_lowercase().contains(&term) {
+        if !user_id.as_str().to_lowercase().contains(&term) && !name.to_lowercase().contains(&term)
+        {
             continue;
         }
         results.push(json!({"user_id": user_id, "display_name": account.displayname, "avatar_url": account.avatar_url}));
