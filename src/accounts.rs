@@ -88,6 +88,8 @@ pub struct Session {
 pub struct Accounts {
     db: Db,
     server_name: OwnedServerName,
+    /// Serializes the final check-and-write of new accounts.
+    create_lock: std::sync::Arc<std::sync::Mutex<()>>,
 }
 
 const ACCOUNTS: &str = "user_id_to_account";
@@ -125,7 +127,7 @@ pub fn valid_localpart(localpart: &str) -> bool {
 impl Accounts {
     /// The accounts component over `db`.
     pub fn new(db: Db, server_name: OwnedServerName) -> Self {
-        Self { db, server_name }
+        Self { db, server_name, create_lock: Default::default() }
     }
 
     /// This server's name.
@@ -204,6 +206,12 @@ impl Accounts {
             created_ts: now_ms(),
             ..Account::default()
         };
+        // The check above keeps the slow hash off taken names; this one, under the lock, makes
+        // the claim atomic against concurrent registrations of the same name.
+        let _guard = self.create_lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.exists(user_id)? {
+            return Err(AccountError::UserInUse);
+        }
         let mut batch = self.db.batch();
         batch.put(ACCOUNTS, user_id.as_bytes(), &account)?;
         self.db.write(batch)?;

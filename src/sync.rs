@@ -181,8 +181,10 @@ async fn build(
 }
 
 /// Picks timeline events in `(lower, upper]`, newest `limit` of those the filter allows.
+#[allow(clippy::too_many_arguments)] // The room, the window, the limit, and for whom.
 fn timeline(
     state: &AppState,
+    viewer: &UserId,
     room_id: &RoomId,
     lower: Option<u64>,
     upper: u64,
@@ -204,7 +206,7 @@ fn timeline(
             else {
                 continue;
             };
-            if !filter.allows_pdu(&pdu) {
+            if !filter.allows_pdu(&pdu) || !state.rooms.visible_to(viewer, &pdu, &meta)? {
                 continue;
             }
             if picked.len() == limit {
@@ -367,7 +369,8 @@ async fn joined_room(
 ) -> Result<Option<Value>, ApiError> {
     let filter = &request.filter;
     let limit = timeline_limit(state, &filter.room.timeline);
-    let timeline = timeline(state, room_id, room_since, upper, limit, &filter.room.timeline)?;
+    let timeline =
+        timeline(state, &auth.user_id, room_id, room_since, upper, limit, &filter.room.timeline)?;
     let (state_key, state_events) =
         room_state(state, auth, request, &timeline, room_since, room_id, upper)?;
     let mut ephemeral = Vec::new();
@@ -475,7 +478,15 @@ fn left_room(
 ) -> Result<Option<Value>, ApiError> {
     let filter = &request.filter;
     let limit = timeline_limit(state, &filter.room.timeline);
-    let timeline = timeline(state, room_id, since, record.position, limit, &filter.room.timeline)?;
+    let timeline = timeline(
+        state,
+        &auth.user_id,
+        room_id,
+        since,
+        record.position,
+        limit,
+        &filter.room.timeline,
+    )?;
     let (state_key, state_events) =
         room_state(state, auth, request, &timeline, since, room_id, record.position)?;
     Ok(Some(json!({

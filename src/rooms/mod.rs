@@ -874,6 +874,50 @@ impl Rooms {
         Ok(())
     }
 
+    /// Whether `user_id` may see an event under the room's history visibility at that event
+    /// ([history visibility](https://spec.matrix.org/v1.16/client-server-api/#history-visibility)).
+    /// `shared` and `world_readable` history is visible to anyone allowed into the room's
+    /// history at all (callers check that); `invited` and `joined` need that membership at
+    /// the event.
+    pub fn visible_to(
+        &self,
+        user_id: &UserId,
+        pdu: &Pdu,
+        meta: &EventMeta,
+    ) -> Result<bool, RoomError> {
+        let Some(snapshot) = meta.state_before else { return Ok(true) };
+        let visibility = match self.state_event_at(snapshot, "m.room.history_visibility", "")? {
+            Some(event_id) => self
+                .pdu(&event_id)?
+                .and_then(|event| {
+                    event
+                        .content_value()
+                        .get("history_visibility")
+                        .and_then(Value::as_str)
+                        .map(str::to_owned)
+                })
+                .unwrap_or_else(|| "shared".to_owned()),
+            None => "shared".to_owned(),
+        };
+        let allowed: &[&str] = match visibility.as_str() {
+            "invited" => &["invite", "join"],
+            "joined" => &["join"],
+            _ => return Ok(true),
+        };
+        // For the user's own member event, the membership it establishes counts.
+        let own_member_event = pdu.state_key.as_deref() == Some(user_id.as_str())
+            && pdu.kind == TimelineEventType::RoomMember;
+        let membership = if own_member_event {
+            pdu.membership()
+        } else {
+            match self.state_event_at(snapshot, "m.room.member", user_id.as_str())? {
+                Some(event_id) => self.pdu(&event_id)?.and_then(|event| event.membership()),
+                None => None,
+            }
+        };
+        Ok(membership.is_some_and(|membership| allowed.contains(&membership.as_str())))
+    }
+
     /// The server's stream position.
     pub fn position(&self) -> u64 {
         self.db().position()

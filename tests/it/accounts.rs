@@ -494,3 +494,28 @@ async fn register_with_numeric_token() {
     let answer = assert_ok(server.client().post("/_matrix/client/v3/register", body).await);
     assert_eq!(answer["user_id"], format!("@alice:{}", server.server_name));
 }
+
+/// Racing registrations of one name: exactly one wins, the others get `M_USER_IN_USE`, never
+/// a 500.
+#[tokio::test]
+async fn concurrent_registration_of_one_name() {
+    let server = TestServer::start().await;
+    let mut tasks = Vec::new();
+    for index in 0..8 {
+        let client = server.client();
+        tasks.push(tokio::spawn(async move {
+            let body = json!({"username": "racer", "password": format!("pw-{index}"), "auth": {"type": "m.login.dummy"}});
+            client.post("/_matrix/client/v3/register", body).await
+        }));
+    }
+    let mut winners = Vec::new();
+    for (index, task) in tasks.into_iter().enumerate() {
+        let answer = task.await.expect("task");
+        match answer.0 {
+            200 => winners.push(index),
+            _ => assert_error(&answer, 400, "M_USER_IN_USE"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "winners: {winners:?}");
+    assert_ok(login(&server, "racer", &format!("pw-{}", winners[0])).await);
+}

@@ -499,3 +499,46 @@ async fn large_answers_are_gzipped_when_asked() {
         Some("gzip")
     );
 }
+
+/// Event content must be canonical JSON to be hashed and signed: floats and integers outside
+/// ±(2^53 - 1) are refused with 400 (never a 500), and the room is untouched.
+#[tokio::test]
+async fn non_canonical_json_content_is_refused() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let (room_id, expected) = stored_room(&alice).await;
+    let bodies_sent: [&[u8]; 4] = [
+        b"{\"msgtype\": \"m.text\", \"body\": \"f\", \"n\": 1.5}",
+        b"{\"msgtype\": \"m.text\", \"body\": \"big\", \"n\": 9007199254740993}",
+        b"{\"msgtype\": \"m.text\", \"body\": \"small\", \"n\": -9007199254740993}",
+        b"{\"msgtype\": \"m.text\", \"body\": \"exp\", \"n\": 1e3}",
+    ];
+    for (index, body) in bodies_sent.iter().enumerate() {
+        let path =
+            format!("/_matrix/client/v3/rooms/{}/send/m.room.message/n{index}", enc(&room_id));
+        let (status, answer) =
+            alice.client.request_raw(Method::PUT, &path, Some(body.to_vec())).await;
+        assert_eq!(status, 400, "{}: {answer}", String::from_utf8_lossy(body));
+        assert!(
+            matches!(answer["errcode"].as_str(), Some("M_BAD_JSON" | "M_NOT_JSON")),
+            "{answer}"
+        );
+        let path =
+            crate::harness::state_path(&room_id, "org.example.numbers", &format!("k{index}"));
+        let (status, answer) =
+            alice.client.request_raw(Method::PUT, &path, Some(body.to_vec())).await;
+        assert_eq!(status, 400, "state {}: {answer}", String::from_utf8_lossy(body));
+    }
+    // The largest safe integer is fine.
+    let ok = alice
+        .send_txn(
+            &room_id,
+            "max",
+            json!({"msgtype": "m.text", "body": "max", "n": 9_007_199_254_740_991_i64}),
+        )
+        .await;
+    assert_ok(ok);
+    let mut expected = expected;
+    expected.push("max".to_owned());
+    assert_intact(&alice, &room_id, &expected).await;
+}

@@ -978,3 +978,135 @@ async fn concurrent_senders_agree_on_one_timeline() {
     users[3].send_text(&room_id, "after the rush").await;
     assert_ok(users[0].put_state(&room_id, "m.room.topic", "", json!({"topic": "calm"})).await);
 }
+
+/// A room whose history visibility is set from the start, with Alice in it.
+async fn room_with_history_visibility(alice: &User, visibility: &str) -> String {
+    alice
+        .create_room(json!({"preset": "public_chat", "initial_state": [
+            {"type": "m.room.history_visibility", "content": {"history_visibility": visibility}}
+        ]}))
+        .await
+}
+
+/// `joined`: what came before a member joined stays hidden from them.
+///
+/// [History visibility](https://spec.matrix.org/v1.16/client-server-api/#room-history-visibility)
+#[tokio::test]
+async fn history_visibility_joined() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room_id = room_with_history_visibility(&alice, "joined").await;
+    alice.send_text(&room_id, "before bob").await;
+    bob.join(&room_id).await;
+    alice.send_text(&room_id, "after bob").await;
+    let page = bob.messages(&room_id, "dir=b&limit=100").await;
+    assert_eq!(bodies(page["chunk"].as_array().expect("chunk")), vec!["after bob"], "{page}");
+    let sync = bob.sync(None, 0).await;
+    let seen = bodies(crate::harness::timeline(&sync, &room_id));
+    assert!(!seen.contains(&"before bob".to_owned()), "{sync}");
+    let path = format!("/_matrix/client/v3/rooms/{}/messages?dir=f&limit=100", enc(&room_id));
+    let forwards = assert_ok(bob.client.get(&path).await);
+    assert!(
+        !bodies(forwards["chunk"].as_array().expect("chunk")).contains(&"before bob".to_owned())
+    );
+}
+
+/// `invited`: visible from the member's invite on.
+#[tokio::test]
+async fn history_visibility_invited() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let carol = server.register("carol").await;
+    let room_id = room_with_history_visibility(&alice, "invited").await;
+    alice.send_text(&room_id, "before the invite").await;
+    alice.invite(&room_id, &carol.user_id).await;
+    alice.send_text(&room_id, "between invite and join").await;
+    carol.join(&room_id).await;
+    let page = carol.messages(&room_id, "dir=b&limit=100").await;
+    let seen = bodies(page["chunk"].as_array().expect("chunk"));
+    assert!(seen.contains(&"between invite and join".to_owned()), "{page}");
+    assert!(!seen.contains(&"before the invite".to_owned()), "{page}");
+}
+
+/// `world_readable`: anyone, member or not, reads the history; `shared` (the default of
+/// public_chat) lets a new member read what came before they joined.
+#[tokio::test]
+async fn history_visibility_world_readable_and_shared() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let dave = server.register("dave").await;
+    let room_id = room_with_history_visibility(&alice, "world_readable").await;
+    alice.send_text(&room_id, "for everyone").await;
+    let page = dave.messages(&room_id, "dir=b&limit=100").await;
+    assert_eq!(bodies(page["chunk"].as_array().expect("chunk")), vec!["for everyone"]);
+    let shared = alice.create_room(json!({"preset": "public_chat"})).await;
+    alice.send_text(&shared, "said before dave").await;
+    dave.join(&shared).await;
+    let page = dave.messages(&shared, "dir=b&limit=100").await;
+    assert!(
+        bodies(page["chunk"].as_array().expect("chunk")).contains(&"said before dave".to_owned())
+    );
+}
+
+/// Invites that cannot work: an unknown local user, an inviter who is not in the room, a user
+/// who is already joined.
+#[tokio::test]
+async fn invite_errors() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let carol = server.register("carol").await;
+    let room_id = alice.create_room(json!({"preset": "private_chat"})).await;
+    let answer = alice.room_post(&room_id, "invite", json!({"user_id": "@nobody:localhost"})).await;
+    assert_error(&answer, 404, "M_NOT_FOUND");
+    let answer = bob.room_post(&room_id, "invite", json!({"user_id": carol.user_id})).await;
+    assert_error(&answer, 403, "M_FORBIDDEN");
+    alice.invite(&room_id, &bob.user_id).await;
+    bob.join(&room_id).await;
+    let answer = alice.room_post(&room_id, "invite", json!({"user_id": bob.user_id})).await;
+    assert_error(&answer, 403, "M_FORBIDDEN");
+    assert_eq!(membership(&alice, &room_id, &bob.user_id).await.as_deref(), Some("join"));
+    // The invitee may reject by leaving; the invite then shows as leave.
+    alice.invite(&room_id, &carol.user_id).await;
+    assert_ok(carol.room_post(&room_id, "leave", json!({})).await);
+    assert_eq!(membership(&alice, &room_id, &carol.user_id).await.as_deref(), Some("leave"));
+}
+
+/// Another member's client learns of a redaction through sync, and later syncs serve the
+/// redacted event without its content.
+#[tokio::test]
+async fn redaction_reaches_other_members_through_sync() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room_id = alice.create_room(json!({"preset": "public_chat"})).await;
+    bob.join(&room_id).await;
+    let event_id = alice.send_text(&room_id, "secret").await;
+    let since = bob
+        .sync_until(None, |sync| crate::harness::timeline_has(sync, &room_id, &event_id))
+        .await["next_batch"]
+        .as_str()
+        .expect("next_batch")
+        .to_owned();
+    let path = format!("/_matrix/client/v3/rooms/{}/redact/{}/r1", enc(&room_id), enc(&event_id));
+    let redaction = assert_ok(alice.client.put(&path, json!({})).await)["event_id"]
+        .as_str()
+        .expect("event_id")
+        .to_owned();
+    let answer = bob
+        .sync_until(Some(since), |sync| crate::harness::timeline_has(sync, &room_id, &redaction))
+        .await;
+    let event = crate::harness::timeline(&answer, &room_id)
+        .iter()
+        .find(|event| event["event_id"] == redaction)
+        .expect("redaction");
+    assert_eq!(event["type"], "m.room.redaction");
+    let initial = bob.sync(None, 0).await;
+    let original = crate::harness::timeline(&initial, &room_id)
+        .iter()
+        .find(|event| event["event_id"] == event_id)
+        .expect("the redacted event is still in the timeline");
+    assert_eq!(original["content"], json!({}), "{original}");
+    assert_eq!(original["unsigned"]["redacted_because"]["event_id"], redaction);
+}

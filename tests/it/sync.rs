@@ -856,3 +856,75 @@ async fn unread_notification_counts() {
     alice.send_text(&room_id, "one more").await;
     assert_eq!(counts(&bob.sync(None, 0).await), Some(1));
 }
+
+/// A limited incremental sync carries the state that changed in the gap it skipped, so the
+/// client's view of the room stays right.
+#[tokio::test]
+async fn limited_incremental_sync_has_gap_state() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room_id = alice.create_room(json!({"preset": "public_chat", "name": "Old name"})).await;
+    bob.join(&room_id).await;
+    let filter = enc(&json!({"room": {"timeline": {"limit": 5}}}).to_string());
+    let first = bob.sync_query(&format!("filter={filter}")).await;
+    let since = first["next_batch"].as_str().expect("next_batch");
+    assert_ok(alice.put_state(&room_id, "m.room.name", "", json!({"name": "New name"})).await);
+    let carol = server.register("carol").await;
+    carol.join(&room_id).await;
+    for index in 0..10 {
+        alice.send_text(&room_id, &format!("filler {index}")).await;
+    }
+    let answer = bob.sync_query(&format!("filter={filter}&since={since}")).await;
+    let room = &answer["rooms"]["join"][&room_id];
+    assert_eq!(room["timeline"]["limited"], true, "{room}");
+    let state = state_events(&answer, "join", &room_id);
+    let name = state
+        .iter()
+        .find(|event| event["type"] == "m.room.name")
+        .unwrap_or_else(|| panic!("{room}"));
+    assert_eq!(name["content"]["name"], "New name");
+    assert!(
+        has_state(state, "m.room.member", &carol.user_id),
+        "carol's join happened in the gap: {room}"
+    );
+    // State that did not change is not repeated.
+    assert!(!has_state(state, "m.room.create", ""), "{room}");
+    // The timeline is the newest five.
+    assert_eq!(
+        bodies(timeline(&answer, &room_id)),
+        (5..10).map(|i| format!("filler {i}")).collect::<Vec<_>>()
+    );
+}
+
+/// A typing notification ends by itself when its timeout runs out.
+#[tokio::test]
+async fn typing_times_out() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let room_id = shared_room(&alice, &bob).await;
+    let path = format!("/_matrix/client/v3/rooms/{}/typing/{}", enc(&room_id), enc(&bob.user_id));
+    assert_ok(bob.client.put(&path, json!({"typing": true, "timeout": 300})).await);
+    let typing = alice
+        .sync_until(None, |sync| {
+            ephemeral(sync, &room_id).iter().any(|event| {
+                event["type"] == "m.typing" && event["content"]["user_ids"] == json!([bob.user_id])
+            })
+        })
+        .await;
+    // Without any further request from Bob, Alice learns that he stopped.
+    alice
+        .sync_until(typing["next_batch"].as_str().map(str::to_owned), |sync| {
+            ephemeral(sync, &room_id).iter().any(|event| {
+                event["type"] == "m.typing" && event["content"]["user_ids"] == json!([])
+            })
+        })
+        .await;
+    let initial = alice.sync(None, 0).await;
+    assert!(
+        !ephemeral(&initial, &room_id).iter().any(|event| event["type"] == "m.typing"
+            && event["content"]["user_ids"].as_array().is_some_and(|ids| !ids.is_empty())),
+        "{initial}"
+    );
+}

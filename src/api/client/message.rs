@@ -63,8 +63,10 @@ fn parse_limit(limit: Option<&str>, default: usize, max: usize) -> Result<usize,
 /// Walks the timeline from `from` in `direction`, keeping events the filter allows, until
 /// `limit` are found, `stop` is passed or the room's start/end is reached. Returns the events
 /// and whether more may follow.
+#[allow(clippy::too_many_arguments)] // Where, which way, how far, and for whom.
 fn paginate(
     state: &AppState,
+    viewer: &ruma::UserId,
     room_id: &RoomId,
     mut cursor: u64,
     stop: Option<u64>,
@@ -87,7 +89,7 @@ fn paginate(
             else {
                 continue;
             };
-            if filter.allows_pdu(&pdu) {
+            if filter.allows_pdu(&pdu) && state.rooms.visible_to(viewer, &pdu, &meta)? {
                 picked.push((pdu, meta));
             }
         }
@@ -150,6 +152,7 @@ async fn get_messages(
         // Backwards from token n: positions n, n-1, ... down to (exclusive) `to`.
         Direction::Backward => paginate(
             &state,
+            &auth.user_id,
             &room_id,
             from.min(ceiling).saturating_add(1),
             to.map(|to| to + 1),
@@ -160,7 +163,7 @@ async fn get_messages(
         // Forwards from token n: positions n+1, ... up to (inclusive) `to` and the ceiling.
         Direction::Forward => {
             let stop = to.map_or(ceiling, |to| to.min(ceiling));
-            paginate(&state, &room_id, from, Some(stop), direction, limit, &filter)?
+            paginate(&state, &auth.user_id, &room_id, from, Some(stop), direction, limit, &filter)?
         }
     };
     let chunk: Vec<Value> = events
@@ -213,6 +216,7 @@ async fn get_context(
     let after_limit = limit - before_limit;
     let (before, _) = paginate(
         &state,
+        &auth.user_id,
         &room_id,
         meta.position,
         None,
@@ -222,6 +226,7 @@ async fn get_context(
     )?;
     let (after, _) = paginate(
         &state,
+        &auth.user_id,
         &room_id,
         meta.position,
         Some(ceiling),
