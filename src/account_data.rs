@@ -79,6 +79,17 @@ impl AccountData {
             .map(|stored| stored.content))
     }
 
+    /// The user's push rules: the stored `m.push_rules`, else the server-default ruleset.
+    pub fn push_rules(&self, user_id: &UserId) -> Result<ruma::push::Ruleset, storage::Error> {
+        if let Some(stored) = self.get(user_id, None, "m.push_rules")?
+            && let Some(global) = stored.get("global")
+            && let Ok(ruleset) = serde_json::from_value::<ruma::push::Ruleset>(global.clone())
+        {
+            return Ok(ruleset);
+        }
+        Ok(ruma::push::Ruleset::server_default(user_id))
+    }
+
     /// Account data events for sync: global ones, and per room. Everything on an initial sync,
     /// what changed after `since` otherwise.
     pub fn events_since(

@@ -141,9 +141,12 @@ impl Ephemeral {
 
     /// The typing users of a room, and the position of the last change; `None` when nothing
     /// changed after `since`.
+    /// An initial sync always gets the (possibly empty) list.
     pub fn typing(&self, room_id: &RoomId, since: Option<u64>) -> Option<Vec<OwnedUserId>> {
         let rooms = self.typing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let room = rooms.get(room_id)?;
+        let Some(room) = rooms.get(room_id) else {
+            return since.is_none().then(Vec::new);
+        };
         let now = Instant::now();
         let users: Vec<OwnedUserId> = room
             .users
@@ -153,7 +156,6 @@ impl Ephemeral {
             .collect();
         match since {
             Some(since) if room.position <= since => None,
-            None if users.is_empty() => None,
             _ => Some(users),
         }
     }

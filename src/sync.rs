@@ -97,7 +97,7 @@ async fn build(
     request: &SyncRequest,
     position: u64,
 ) -> Result<(Value, bool), ApiError> {
-    let ruleset = user_ruleset(state, &auth.user_id)?;
+    let ruleset = state.account_data.push_rules(&auth.user_id)?;
     let user_id = &auth.user_id;
     let since = request.since;
     let filter = &request.filter;
@@ -135,10 +135,14 @@ async fn build(
                     invite.insert(room_id.to_string(), section);
                 }
             }
+            // On an initial sync, rooms the user left by themselves need `include_leave`;
+            // kicks and bans are always reported so the user learns of them.
             "leave" | "ban"
                 if !record.forgotten
                     && (since.is_some() && newly
-                        || since.is_none() && filter.room.include_leave) =>
+                        || since.is_none()
+                            && (filter.room.include_leave
+                                || removed_by_other(state, user_id, &record)?)) =>
             {
                 if let Some(room) = left_room(state, auth, request, &room_id, &record, since)? {
                     leave.insert(room_id.to_string(), room);
@@ -435,6 +439,15 @@ async fn joined_room(
     })))
 }
 
+/// Whether someone else changed the user's membership (a kick or a ban).
+fn removed_by_other(
+    state: &AppState,
+    user_id: &UserId,
+    record: &MembershipRecord,
+) -> Result<bool, ApiError> {
+    Ok(state.rooms.pdu(&record.event_id)?.is_some_and(|event| event.sender != user_id))
+}
+
 fn invited_room(
     state: &AppState,
     room_id: &RoomId,
@@ -498,17 +511,6 @@ fn left_room(
         state_key: {"events": state_events},
         "account_data": {"events": []},
     })))
-}
-
-/// The user's push rules: stored as `m.push_rules` account data, else the server default.
-fn user_ruleset(state: &AppState, user_id: &UserId) -> Result<Ruleset, ApiError> {
-    if let Some(stored) = state.account_data.get(user_id, None, "m.push_rules")?
-        && let Some(global) = stored.get("global")
-        && let Ok(ruleset) = serde_json::from_value::<Ruleset>(global.clone())
-    {
-        return Ok(ruleset);
-    }
-    Ok(Ruleset::server_default(user_id))
 }
 
 /// Notification and highlight counts of the events after the user's read receipt, as the

@@ -186,6 +186,9 @@ impl From<crate::rooms::RoomError> for ApiError {
                 Self::unsupported_room_version(format!("Room version {version} is not supported"))
             }
             RoomError::AliasInUse => Self::room_in_use("Room alias already taken"),
+            RoomError::TooLarge => {
+                Self::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", "Event is too large")
+            }
             RoomError::InvalidAlias(reason) => Self::invalid_param(reason),
             RoomError::Signing(source) => Self::internal(source),
             RoomError::Storage(source) => Self::internal(source),

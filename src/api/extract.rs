@@ -111,9 +111,14 @@ where
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let query = parts.uri.query().unwrap_or("");
-        serde_urlencoded::from_str(query)
-            .map(Query)
-            .map_err(|error| ApiError::invalid_param(format!("Bad query string: {error}")))
+        serde_urlencoded::from_str(query).map(Query).map_err(|error| {
+            let text = error.to_string();
+            if text.starts_with("missing field") {
+                ApiError::missing_param(format!("Missing query parameter: {text}"))
+            } else {
+                ApiError::invalid_param(format!("Bad query string: {text}"))
+            }
+        })
     }
 }
 

@@ -49,6 +49,9 @@ pub enum RoomError {
     /// The room version is not one we can create.
     #[error("unsupported room version {0}")]
     UnsupportedRoomVersion(String),
+    /// The event is larger than the 64 KiB a PDU may be.
+    #[error("event too large")]
+    TooLarge,
     /// The alias is taken.
     #[error("alias already exists")]
     AliasInUse,
@@ -173,6 +176,9 @@ struct Inner {
     room_locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     snapshots: state::SnapshotCache,
 }
+
+/// The largest PDU, in bytes of canonical JSON ([size limits](https://spec.matrix.org/v1.16/client-server-api/#size-limits)).
+pub const PDU_BYTES_MAX: usize = 65_536;
 
 const ROOMS: &str = "room_id_to_room";
 const PDUS: &str = "event_id_to_pdu";
@@ -530,6 +536,12 @@ impl Rooms {
         else {
             return Err(RoomError::BadEvent("event is not an object".into()));
         };
+        // The spec caps PDUs at 65536 bytes of canonical JSON, signatures included; leave room
+        // for the hash and signature this server adds.
+        let size = serde_json::to_vec(&canonical).map(|bytes| bytes.len()).unwrap_or(usize::MAX);
+        if size > PDU_BYTES_MAX - 256 {
+            return Err(RoomError::TooLarge);
+        }
         let event_id = self.inner.signing_key.hash_and_sign_pdu(&mut canonical, &version)?;
         let pdu = Pdu::from_json(event_id.clone(), canonical)?;
         let room_id: &RoomId = &pdu.room_id.clone();

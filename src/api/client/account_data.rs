@@ -43,7 +43,7 @@ fn settable(kind: &str) -> Result<(), ApiError> {
     // These are managed by the server through their own endpoints.
     if kind == "m.fully_read" || kind == "m.push_rules" {
         return Err(ApiError::new(
-            axum::http::StatusCode::BAD_REQUEST,
+            axum::http::StatusCode::METHOD_NOT_ALLOWED,
             "M_BAD_JSON",
             format!("Cannot set {kind} through the account data API"),
         ));
