@@ -254,18 +254,9 @@ impl Db {
         table: &str,
         prefix: &[u8],
         start: &[u8],
-        mut visit: impl FnMut(&[u8], &[u8]) -> bool,
+        visit: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<()> {
-        let handle = self.table(table)?;
-        let iter =
-            self.inner.rocks.iterator_cf(&handle, IteratorMode::From(start, Direction::Forward));
-        for item in iter {
-            let (key, value) = item?;
-            if !key.starts_with(prefix) || !visit(&key, &value) {
-                break;
-            }
-        }
-        Ok(())
+        self.walk(table, prefix, start, Direction::Forward, visit)
     }
 
     /// Visits entries in `[prefix..start]` backwards (from `start`, inclusive, down to the first key
@@ -275,12 +266,21 @@ impl Db {
         table: &str,
         prefix: &[u8],
         start: &[u8],
+        visit: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<()> {
+        self.walk(table, prefix, start, Direction::Reverse, visit)
+    }
+
+    fn walk(
+        &self,
+        table: &str,
+        prefix: &[u8],
+        start: &[u8],
+        direction: Direction,
         mut visit: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<()> {
         let handle = self.table(table)?;
-        let iter =
-            self.inner.rocks.iterator_cf(&handle, IteratorMode::From(start, Direction::Reverse));
-        for item in iter {
+        for item in self.inner.rocks.iterator_cf(&handle, IteratorMode::From(start, direction)) {
             let (key, value) = item?;
             if !key.starts_with(prefix) || !visit(&key, &value) {
                 break;

@@ -51,14 +51,34 @@ fn settable(kind: &str) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// `GET /_matrix/client/v3/user/{userId}/account_data/{type}`
-async fn get_global(State(state): State<AppState>, auth: Auth, path: PathIds) -> ApiResult {
-    let user_id = own(&auth, &path)?;
-    let content = state.account_data.get(&user_id, None, path.get("type")?)?;
+/// Reads one entry; empty content counts as absent (clients "delete" by writing `{}`).
+fn read(state: &AppState, auth: &Auth, path: &PathIds, room_id: Option<OwnedRoomId>) -> ApiResult {
+    let user_id = own(auth, path)?;
+    let content = state.account_data.get(&user_id, room_id.as_deref(), path.get("type")?)?;
     content
         .filter(|content| content.as_object().is_some_and(|object| !object.is_empty()))
         .map(Json)
         .ok_or_else(|| ApiError::not_found("Account data not found"))
+}
+
+/// Writes one entry, unless the server manages that type.
+fn write(
+    state: &AppState,
+    auth: &Auth,
+    path: &PathIds,
+    room_id: Option<OwnedRoomId>,
+    content: Value,
+) -> ApiResult {
+    let user_id = own(auth, path)?;
+    let kind = path.get("type")?;
+    settable(kind)?;
+    state.account_data.set(&user_id, room_id.as_deref(), kind, content)?;
+    Ok(Json(json!({})))
+}
+
+/// `GET /_matrix/client/v3/user/{userId}/account_data/{type}`
+async fn get_global(State(state): State<AppState>, auth: Auth, path: PathIds) -> ApiResult {
+    read(&state, &auth, &path, None)
 }
 
 /// `PUT /_matrix/client/v3/user/{userId}/account_data/{type}`
@@ -68,22 +88,13 @@ async fn set_global(
     path: PathIds,
     Body(body): Body<Value>,
 ) -> ApiResult {
-    let user_id = own(&auth, &path)?;
-    let kind = path.get("type")?;
-    settable(kind)?;
-    state.account_data.set(&user_id, None, kind, body)?;
-    Ok(Json(json!({})))
+    write(&state, &auth, &path, None, body)
 }
 
 /// `GET /_matrix/client/v3/user/{userId}/rooms/{roomId}/account_data/{type}`
 async fn get_room(State(state): State<AppState>, auth: Auth, path: PathIds) -> ApiResult {
-    let user_id = own(&auth, &path)?;
     let room_id: OwnedRoomId = path.id("roomId")?;
-    let content = state.account_data.get(&user_id, Some(&room_id), path.get("type")?)?;
-    content
-        .filter(|content| content.as_object().is_some_and(|object| !object.is_empty()))
-        .map(Json)
-        .ok_or_else(|| ApiError::not_found("Account data not found"))
+    read(&state, &auth, &path, Some(room_id))
 }
 
 /// `PUT /_matrix/client/v3/user/{userId}/rooms/{roomId}/account_data/{type}`
@@ -93,12 +104,8 @@ async fn set_room(
     path: PathIds,
     Body(body): Body<Value>,
 ) -> ApiResult {
-    let user_id = own(&auth, &path)?;
     let room_id: OwnedRoomId = path.id("roomId")?;
-    let kind = path.get("type")?;
-    settable(kind)?;
-    state.account_data.set(&user_id, Some(&room_id), kind, body)?;
-    Ok(Json(json!({})))
+    write(&state, &auth, &path, Some(room_id), body)
 }
 
 fn tags(
