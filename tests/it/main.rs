@@ -13,3 +13,4 @@ mod profile;
 mod restart;
 mod rooms;
 mod sync;
+mod tidy;
