@@ -1,2 +1,241 @@
-//! Placeholder.
-fn main() {}
+//! `conformance`: the black-box Matrix homeserver suite. It starts (or connects to) a server,
+//! runs the client-server API tests against it, prints one line per test and writes a JSON
+//! report; `conformance docs` turns reports into `docs/conformance.md`.
+
+mod client;
+mod launcher;
+mod report;
+mod runner;
+mod tests;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::client::{Ctx, Registration};
+use crate::report::Report;
+
+#[derive(Parser, Debug)]
+#[command(about = "Black-box Matrix client-server API conformance suite")]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Commands>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Commands {
+    /// Writes docs/conformance.md from the JSON reports of a Hearth and a Synapse run.
+    Docs {
+        /// Report of the Hearth run (shown as "not run" when absent).
+        #[arg(long)]
+        hearth: Option<PathBuf>,
+        /// Report of the Synapse run (shown as "not run" when absent).
+        #[arg(long)]
+        synapse: Option<PathBuf>,
+        /// Where to write the page.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Server {
+    Hearth,
+    Synapse,
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Start this server on loopback, run against it, stop it.
+    #[arg(long, conflicts_with = "base_url")]
+    server: Option<Server>,
+    /// Run against a server that is already running at this URL.
+    #[arg(long)]
+    base_url: Option<String>,
+    /// Register users through Synapse's shared-secret admin API with this secret.
+    #[arg(long, requires = "base_url")]
+    registration_secret: Option<String>,
+    /// Run only the tests whose name contains this (or one of these, comma-separated).
+    #[arg(long)]
+    filter: Option<String>,
+    /// Where to write the JSON report (default target/conformance-<server>.json).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Tests known to fail on this server, one per line with a `# reason`.
+    #[arg(long)]
+    expected_failures: Option<PathBuf>,
+    /// The Hearth binary for `--server hearth` (default: build it from the workspace).
+    #[arg(long, env = "HEARTH_BIN")]
+    hearth_bin: Option<PathBuf>,
+    /// Where cargo puts builds, to find the Hearth binary it built.
+    #[arg(long, env = "CARGO_TARGET_DIR", hide = true)]
+    cargo_target_dir: Option<PathBuf>,
+    /// How many tests run at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Each test fails when it takes longer than this.
+    #[arg(long, default_value_t = 30)]
+    timeout_secs: u64,
+    /// List the tests and exit.
+    #[arg(long)]
+    list: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: starting the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            Some(Commands::Docs { hearth, synapse, output }) => docs(hearth, synapse, output),
+            None => run(cli.run).await,
+        }
+    });
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn docs(
+    hearth: Option<PathBuf>,
+    synapse: Option<PathBuf>,
+    output: Option<PathBuf>,
+) -> Result<bool> {
+    let hearth = hearth.map(|path| Report::read(&path)).transpose()?;
+    let synapse = synapse.map(|path| Report::read(&path)).transpose()?;
+    let output =
+        output.unwrap_or_else(|| launcher::workspace_root().join("docs").join("conformance.md"));
+    report::write_docs(hearth.as_ref(), synapse.as_ref(), &output)?;
+    println!("wrote {}", output.display());
+    Ok(true)
+}
+
+/// Runs the suite; `Ok(false)` when a test failed.
+async fn run(args: RunArgs) -> Result<bool> {
+    let mut tests = tests::all();
+    if let Some(filter) = &args.filter {
+        let parts: Vec<&str> = filter.split(',').map(str::trim).collect();
+        tests.retain(|test| parts.iter().any(|part| test.name.contains(part)));
+    }
+    let mut names: Vec<&str> = tests.iter().map(|test| test.name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(pair) = names.windows(2).find(|pair| pair[0] == pair[1]) {
+        bail!("two tests are named {}", pair[0]);
+    }
+    if args.list {
+        for name in names {
+            println!("{name}");
+        }
+        return Ok(true);
+    }
+
+    let (server_label, launched) = match (args.server, &args.base_url) {
+        (Some(Server::Synapse), _) => ("synapse", Some(launcher::start_synapse().await?)),
+        (Some(Server::Hearth), _) => {
+            let binary =
+                launcher::hearth_binary(args.hearth_bin.clone(), args.cargo_target_dir.clone())
+                    .await?;
+            ("hearth", Some(launcher::start_hearth(&binary).await?))
+        }
+        (None, Some(_)) => ("external", None),
+        (None, None) => bail!("give --server hearth|synapse or --base-url URL"),
+    };
+    let (base_url, registration) = match (&launched, &args.base_url) {
+        (Some(launched), _) => (launched.base_url.clone(), launched.registration.clone()),
+        (None, Some(url)) => (
+            url.clone(),
+            match &args.registration_secret {
+                Some(secret) => Registration::SharedSecret(secret.clone()),
+                None => Registration::Open,
+            },
+        ),
+        (None, None) => bail!("no server to run against"),
+    };
+
+    // The server is stopped on every path out of here, Ctrl-C included.
+    let outcome = tokio::select! {
+        outcome = run_against(&args, server_label, &base_url, registration, tests) => outcome,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    if let Some(launched) = launched {
+        launched.stop().await;
+    }
+    outcome
+}
+
+async fn run_against(
+    args: &RunArgs,
+    server_label: &str,
+    base_url: &str,
+    registration: Registration,
+    tests: Vec<runner::Test>,
+) -> Result<bool> {
+    let expected_failures_path = args.expected_failures.clone().or_else(|| match args.server {
+        Some(Server::Hearth) => {
+            let path = launcher::workspace_root().join("conformance/expected-failures/hearth.txt");
+            path.exists().then_some(path)
+        }
+        _ => None,
+    });
+    let expected_failures = match &expected_failures_path {
+        Some(path) => runner::read_expected_failures(path)?,
+        None => Default::default(),
+    };
+    let ctx = Ctx::new(base_url, registration)?;
+    let server_version = ctx
+        .get("/_matrix/federation/v1/version")
+        .await
+        .ok()
+        .filter(|resp| resp.status == 200)
+        .and_then(|resp| {
+            let name = resp.body.pointer("/server/name")?.as_str()?.to_owned();
+            let version = resp.body.pointer("/server/version")?.as_str()?.to_owned();
+            Some(format!("{name} {version}"))
+        });
+    println!(
+        "running {} tests against {server_label} at {base_url}{}",
+        tests.len(),
+        server_version.as_deref().map(|v| format!(" ({v})")).unwrap_or_default()
+    );
+    let started = Instant::now();
+    let results = runner::run(
+        ctx,
+        tests,
+        &expected_failures,
+        args.concurrency,
+        Duration::from_secs(args.timeout_secs),
+    )
+    .await;
+    let wall_time_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let report = Report::new(
+        server_label,
+        server_version,
+        base_url,
+        args.filter.clone(),
+        wall_time_ms,
+        results,
+    );
+    let report_path = args.report.clone().unwrap_or_else(|| {
+        launcher::workspace_root().join("target").join(format!("conformance-{server_label}.json"))
+    });
+    report.write(&report_path).context("writing the report")?;
+    println!("report: {} (wall time {:.1} s)", report_path.display(), wall_time_ms as f64 / 1000.0);
+    runner::print_summary(&report);
+    Ok(report.failed == 0)
+}

@@ -1,0 +1,321 @@
+//! Starts the server under test on loopback (Synapse from a cached virtualenv, or the Hearth
+//! binary) with a fresh data directory and a random port, and stops it afterwards.
+//!
+//! This module and the CLI are the only places that look at the process environment.
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use serde_json::json;
+use tokio::process::{Child, Command};
+
+use crate::client::Registration;
+
+/// The Synapse release the suite is checked against.
+pub(crate) const SYNAPSE_VERSION: &str = "1.163.2";
+
+/// A server process the suite started; it is killed when this is dropped.
+pub(crate) struct Launched {
+    child: Child,
+    pub(crate) base_url: String,
+    pub(crate) registration: Registration,
+    log_path: PathBuf,
+    /// Holds the data directory until the server is gone.
+    _data_dir: tempfile::TempDir,
+}
+
+impl Launched {
+    /// Stops the server and waits for it to exit.
+    pub(crate) async fn stop(mut self) {
+        // An error here means it already exited, which is what we want.
+        let _ = self.child.kill().await;
+    }
+
+    /// The last lines of the server's log, to explain a failed start.
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log_path).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Waits until `GET /_matrix/client/versions` answers 200, or the process exits.
+    async fn wait_until_ready(&mut self, limit: Duration) -> Result<()> {
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
+        let url = format!("{}/_matrix/client/versions", self.base_url);
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                bail!("server exited during start-up ({status}); log tail:\n{}", self.log_tail());
+            }
+            if let Ok(response) = http.get(&url).send().await
+                && response.status().is_success()
+            {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "server did not answer {url} within {} s; log tail:\n{}",
+                    limit.as_secs(),
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1 (bound, then released for the server to take).
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `$HOME/.cache`, where the virtualenv and builds are cached.
+#[allow(clippy::disallowed_methods, reason = "the launcher is where the environment is read")]
+fn cache_dir() -> Result<PathBuf> {
+    let home = std::env::var("HOME").context("HOME is not set")?;
+    Ok(PathBuf::from(home).join(".cache"))
+}
+
+async fn run_checked(command: &mut Command, what: &str) -> Result<()> {
+    let output = command.output().await.with_context(|| format!("running {what}"))?;
+    if !output.status.success() {
+        bail!(
+            "{what} failed ({}):\n{}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// Installs the pinned Synapse into the cached virtualenv unless it is there already.
+async fn ensure_synapse_venv() -> Result<PathBuf> {
+    let venv = cache_dir()?.join("hearth-synapse-venv");
+    let python = venv.join("bin").join("python");
+    let installed = Command::new(&python)
+        .args(["-c", "import importlib.metadata as m; print(m.version('matrix-synapse'))"])
+        .output()
+        .await
+        .ok()
+        .filter(|output| output.status.success())
+        .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned());
+    if installed.as_deref() == Some(SYNAPSE_VERSION) {
+        return Ok(venv);
+    }
+    eprintln!("installing matrix-synapse=={SYNAPSE_VERSION} into {}", venv.display());
+    if !python.exists() {
+        run_checked(Command::new("python3").arg("-m").arg("venv").arg(&venv), "python3 -m venv")
+            .await?;
+    }
+    run_checked(
+        Command::new(venv.join("bin").join("pip")).args([
+            "install",
+            "--quiet",
+            &format!("matrix-synapse=={SYNAPSE_VERSION}"),
+        ]),
+        "pip install matrix-synapse",
+    )
+    .await?;
+    Ok(venv)
+}
+
+/// Every rate limit Synapse has, raised far above what the suite does.
+fn rate_limits() -> serde_json::Value {
+    let high = json!({"per_second": 10000, "burst_count": 100000});
+    let mut config = serde_json::Map::new();
+    for name in [
+        "rc_message",
+        "rc_registration",
+        "rc_registration_token_validity",
+        "rc_admin_redaction",
+        "rc_joins_per_room",
+        "rc_key_requests",
+        "rc_3pid_validation",
+        "rc_third_party_invite",
+        "rc_media_create",
+        "rc_delayed_event_mgmt",
+        "rc_room_creation",
+        "rc_reports",
+        "rc_user_directory",
+        "rc_profile",
+    ] {
+        config.insert(name.to_owned(), high.clone());
+    }
+    config.insert(
+        "rc_login".to_owned(),
+        json!({"address": high, "account": high, "failed_attempts": high}),
+    );
+    config.insert("rc_joins".to_owned(), json!({"local": high, "remote": high}));
+    config.insert(
+        "rc_invites".to_owned(),
+        json!({"per_room": high, "per_user": high, "per_issuer": high}),
+    );
+    config.insert("rc_presence".to_owned(), json!({"per_user": high}));
+    config.insert(
+        "rc_federation".to_owned(),
+        json!({
+            "window_size": 1000,
+            "sleep_limit": 10000,
+            "sleep_delay": 1,
+            "reject_limit": 10000,
+            "concurrent": 100,
+        }),
+    );
+    serde_json::Value::Object(config)
+}
+
+/// Starts Synapse with a fresh SQLite database on a random loopback port.
+pub(crate) async fn start_synapse() -> Result<Launched> {
+    let venv = ensure_synapse_venv().await?;
+    let python = venv.join("bin").join("python");
+    let data_dir = tempfile::Builder::new().prefix("conformance-synapse-").tempdir()?;
+    let dir = data_dir.path();
+    let port = free_port()?;
+    let server_name = format!("localhost:{port}");
+    let config_path = dir.join("homeserver.yaml");
+    run_checked(
+        Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "--server-name", &server_name, "--config-path"])
+            .arg(&config_path)
+            .arg("--data-directory")
+            .arg(dir)
+            .args(["--generate-config", "--report-stats=no"])
+            .current_dir(dir),
+        "synapse --generate-config",
+    )
+    .await?;
+
+    // JSON is YAML, and Synapse merges later config files over earlier ones at the top level.
+    let secret = format!("conformance-{port}-shared-secret");
+    let mut overrides = json!({
+        "listeners": [{
+            "port": port,
+            "bind_addresses": ["127.0.0.1"],
+            "type": "http",
+            "tls": false,
+            "x_forwarded": false,
+            "resources": [{"names": ["client", "federation"], "compress": false}],
+        }],
+        "public_baseurl": format!("http://127.0.0.1:{port}/"),
+        "serve_client_wellknown": true,
+        "database": {"name": "sqlite3", "args": {"database": dir.join("homeserver.db")}},
+        "enable_registration": true,
+        "enable_registration_without_verification": true,
+        "registration_shared_secret": secret,
+        // Registration and login hash passwords; the default 12 rounds cost 0.3 s of CPU each.
+        "bcrypt_rounds": 4,
+        "report_stats": false,
+        "trusted_key_servers": [],
+        "suppress_key_server_warning": true,
+        "room_list_publication_rules": [{"action": "allow"}],
+        "alias_creation_rules": [{"action": "allow"}],
+        "caches": {"sync_response_cache_duration": 0},
+        "presence": {"enabled": true},
+        "user_directory": {"enabled": true, "search_all_users": false},
+        "url_preview_enabled": false,
+    });
+    if let (Some(target), serde_json::Value::Object(limits)) =
+        (overrides.as_object_mut(), rate_limits())
+    {
+        target.extend(limits);
+    }
+    let overrides_path = dir.join("overrides.yaml");
+    std::fs::write(&overrides_path, serde_json::to_string_pretty(&overrides)?)?;
+
+    let log_path = dir.join("stdout.log");
+    let log = std::fs::File::create(&log_path)?;
+    let child = Command::new(&python)
+        .args(["-m", "synapse.app.homeserver", "--config-path"])
+        .arg(&config_path)
+        .arg("--config-path")
+        .arg(&overrides_path)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting Synapse")?;
+    let mut launched = Launched {
+        child,
+        base_url: format!("http://127.0.0.1:{port}"),
+        registration: Registration::Open,
+        log_path: dir.join("homeserver.log"),
+        _data_dir: data_dir,
+    };
+    if let Err(error) = launched.wait_until_ready(Duration::from_secs(90)).await {
+        let stdout = std::fs::read_to_string(&log_path).unwrap_or_default();
+        launched.stop().await;
+        return Err(error.context(format!("Synapse stdout/stderr:\n{stdout}")));
+    }
+    Ok(launched)
+}
+
+/// Finds or builds the Hearth binary.
+pub(crate) async fn hearth_binary(
+    explicit: Option<PathBuf>,
+    cargo_target_dir: Option<PathBuf>,
+) -> Result<PathBuf> {
+    if let Some(path) = explicit {
+        return Ok(path);
+    }
+    let workspace = workspace_root();
+    eprintln!("building hearth: cargo build --release --bin hearth in {}", workspace.display());
+    run_checked(
+        Command::new("cargo")
+            .args(["build", "--release", "--bin", "hearth"])
+            .current_dir(&workspace)
+            .stdout(Stdio::inherit())
+            .stderr(Stdio::inherit()),
+        "cargo build --release --bin hearth",
+    )
+    .await?;
+    let target = cargo_target_dir.unwrap_or_else(|| workspace.join("target"));
+    let target = if target.is_absolute() { target } else { workspace.join(target) };
+    Ok(target.join("release").join("hearth"))
+}
+
+/// The workspace root: the directory above this crate's manifest.
+pub(crate) fn workspace_root() -> PathBuf {
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().unwrap_or(manifest).to_path_buf()
+}
+
+/// Starts Hearth with open registration, a fresh data directory and a random port.
+pub(crate) async fn start_hearth(binary: &Path) -> Result<Launched> {
+    let data_dir = tempfile::Builder::new().prefix("conformance-hearth-").tempdir()?;
+    let port = free_port()?;
+    let log_path = data_dir.path().join("hearth.log");
+    // The data directory proper is a fresh, empty subdirectory, apart from the log.
+    std::fs::create_dir(data_dir.path().join("data"))?;
+    let log = std::fs::File::create(&log_path)?;
+    let child = Command::new(binary)
+        .arg("serve")
+        .env("HEARTH_LISTEN", format!("127.0.0.1:{port}"))
+        .env("HEARTH_DATA_DIR", data_dir.path().join("data"))
+        .env("HEARTH_SERVER_NAME", format!("localhost:{port}"))
+        .env("HEARTH_REGISTRATION", "open")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let mut launched = Launched {
+        child,
+        base_url: format!("http://127.0.0.1:{port}"),
+        registration: Registration::Open,
+        log_path,
+        _data_dir: data_dir,
+    };
+    if let Err(error) = launched.wait_until_ready(Duration::from_secs(60)).await {
+        launched.stop().await;
+        return Err(error);
+    }
+    Ok(launched)
+}

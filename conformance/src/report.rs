@@ -1,0 +1,279 @@
+//! The JSON report of a run and the generator of `docs/conformance.md` from two reports.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum Outcome {
+    Pass,
+    Fail,
+    Skip,
+}
+
+/// One test's result.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct TestResult {
+    pub(crate) name: String,
+    pub(crate) area: String,
+    pub(crate) spec: String,
+    pub(crate) outcome: Outcome,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) deviation: Option<String>,
+    pub(crate) duration_ms: u64,
+}
+
+/// The report of one run against one server.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(crate) struct Report {
+    /// `hearth`, `synapse`, or `external` for `--base-url`.
+    pub(crate) server: String,
+    /// What the server says about itself (`/_matrix/federation/v1/version` when served).
+    #[serde(default)]
+    pub(crate) server_version: Option<String>,
+    pub(crate) base_url: String,
+    pub(crate) filter: Option<String>,
+    pub(crate) passed: usize,
+    pub(crate) failed: usize,
+    pub(crate) skipped: usize,
+    pub(crate) wall_time_ms: u64,
+    pub(crate) tests: Vec<TestResult>,
+}
+
+impl Report {
+    pub(crate) fn new(
+        server: &str,
+        server_version: Option<String>,
+        base_url: &str,
+        filter: Option<String>,
+        wall_time_ms: u64,
+        tests: Vec<TestResult>,
+    ) -> Self {
+        let count = |outcome| tests.iter().filter(|test| test.outcome == outcome).count();
+        Self {
+            server: server.to_owned(),
+            server_version,
+            base_url: base_url.to_owned(),
+            filter,
+            passed: count(Outcome::Pass),
+            failed: count(Outcome::Fail),
+            skipped: count(Outcome::Skip),
+            wall_time_ms,
+            tests,
+        }
+    }
+
+    pub(crate) fn write(&self, path: &Path) -> Result<()> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        let text = serde_json::to_string_pretty(self)?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+    }
+
+    pub(crate) fn read(path: &Path) -> Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// Pass counts of one report per area: (passed, total).
+fn by_area(report: &Report) -> BTreeMap<String, (usize, usize)> {
+    let mut areas = BTreeMap::new();
+    for test in &report.tests {
+        let entry = areas.entry(test.area.clone()).or_insert((0, 0));
+        entry.1 += 1;
+        if test.outcome == Outcome::Pass {
+            entry.0 += 1;
+        }
+    }
+    areas
+}
+
+fn cell(report: Option<&Report>, area: &str) -> String {
+    match report {
+        None => "not run".to_owned(),
+        Some(report) => match by_area(report).get(area) {
+            Some((passed, total)) => format!("{passed}/{total}"),
+            None => "not run".to_owned(),
+        },
+    }
+}
+
+fn test_cell(report: Option<&Report>, name: &str) -> String {
+    let Some(report) = report else { return "not run".to_owned() };
+    match report.tests.iter().find(|test| test.name == name) {
+        None => "not run".to_owned(),
+        Some(test) => match test.outcome {
+            Outcome::Pass => "pass".to_owned(),
+            Outcome::Fail => "**fail**".to_owned(),
+            Outcome::Skip => "skip (known gap)".to_owned(),
+        },
+    }
+}
+
+fn header(report: Option<&Report>, server: &str) -> String {
+    match report {
+        None => format!("- {server}: not run."),
+        Some(report) => format!(
+            "- {server}{}: {} passed, {} failed, {} skipped, in {:.1} s.",
+            report.server_version.as_deref().map(|v| format!(" ({v})")).unwrap_or_default(),
+            report.passed,
+            report.failed,
+            report.skipped,
+            report.wall_time_ms as f64 / 1000.0
+        ),
+    }
+}
+
+/// Writes `docs/conformance.md` from the reports (either may be missing).
+pub(crate) fn write_docs(
+    hearth: Option<&Report>,
+    synapse: Option<&Report>,
+    output: &Path,
+) -> Result<()> {
+    let mut areas: BTreeMap<String, Vec<(String, String, Option<String>)>> = BTreeMap::new();
+    for report in [hearth, synapse].into_iter().flatten() {
+        for test in &report.tests {
+            let tests = areas.entry(test.area.clone()).or_default();
+            if !tests.iter().any(|(name, _, _)| *name == test.name) {
+                tests.push((test.name.clone(), test.spec.clone(), test.deviation.clone()));
+            }
+        }
+    }
+    for tests in areas.values_mut() {
+        tests.sort();
+    }
+
+    let mut text = String::new();
+    let out = &mut text;
+    writeln!(out, "# Conformance")?;
+    writeln!(out)?;
+    writeln!(out, "<!-- Generated by `conformance docs`; do not edit by hand. -->")?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "The black-box suite in `conformance/` drives a homeserver through the client-server API only."
+    )?;
+    writeln!(
+        out,
+        "Every test must pass against Synapse, the reference homeserver, before it counts."
+    )?;
+    writeln!(out, "The tables below are produced from the JSON reports of the runs:")?;
+    writeln!(out)?;
+    writeln!(out, "{}", header(hearth, "Hearth"))?;
+    writeln!(out, "{}", header(synapse, "Synapse"))?;
+    writeln!(out)?;
+    writeln!(out, "## Summary")?;
+    writeln!(out)?;
+    writeln!(out, "| Area | Tests | Hearth | Synapse |")?;
+    writeln!(out, "|---|---:|---:|---:|")?;
+    for (area, tests) in &areas {
+        writeln!(
+            out,
+            "| [{area}](#{area}) | {} | {} | {} |",
+            tests.len(),
+            cell(hearth, area),
+            cell(synapse, area)
+        )?;
+    }
+    let total = |report: Option<&Report>| match report {
+        None => "not run".to_owned(),
+        Some(report) => format!("{}/{}", report.passed, report.tests.len()),
+    };
+    writeln!(
+        out,
+        "| **total** | {} | {} | {} |",
+        areas.values().map(Vec::len).sum::<usize>(),
+        total(hearth),
+        total(synapse)
+    )?;
+    writeln!(out)?;
+
+    let deviations: Vec<_> = areas
+        .values()
+        .flatten()
+        .filter_map(|(name, _, deviation)| deviation.as_ref().map(|d| (name, d)))
+        .collect();
+    writeln!(out, "## Synapse deviations")?;
+    writeln!(out)?;
+    if deviations.is_empty() {
+        writeln!(out, "None: every test checks what the spec says and Synapse does it.")?;
+    } else {
+        writeln!(
+            out,
+            "These tests check what Synapse does where it differs from the spec text quoted."
+        )?;
+        writeln!(out)?;
+        for (name, deviation) in deviations {
+            writeln!(out, "- `{name}`: {deviation}")?;
+        }
+    }
+    writeln!(out)?;
+
+    for (area, tests) in &areas {
+        writeln!(out, "## {area}")?;
+        writeln!(out)?;
+        writeln!(out, "| Test | Hearth | Synapse |")?;
+        writeln!(out, "|---|---|---|")?;
+        for (name, spec, _) in tests {
+            let short_name = name.split_once("::").map(|(_, rest)| rest).unwrap_or(name);
+            writeln!(
+                out,
+                "| [`{short_name}`]({spec}) | {} | {} |",
+                test_cell(hearth, name),
+                test_cell(synapse, name)
+            )?;
+        }
+        writeln!(out)?;
+    }
+
+    out.push_str(REPRODUCE);
+    if let Some(parent) = output.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(output, text).with_context(|| format!("writing {}", output.display()))
+}
+
+const REPRODUCE: &str = r#"## How to reproduce
+
+Run the suite against a server the launcher starts on loopback (fresh data directory, random port, stopped afterwards):
+
+```sh
+cargo run --release -p conformance --bin conformance -- --server synapse
+cargo run --release -p conformance --bin conformance -- --server hearth
+```
+
+- `--server synapse` installs `matrix-synapse==1.163.2` into `$HOME/.cache/hearth-synapse-venv` when missing (needs `python3` and PyPI), writes a test configuration (SQLite, open registration, raised rate limits, no sync response cache) and starts it.
+- `--server hearth` runs `--hearth-bin PATH`, else `$HEARTH_BIN`, else builds `cargo build --release --bin hearth` in the workspace.
+- `--base-url URL [--registration-secret S]` runs against a server that is already running; users come from open registration (`m.login.dummy`), or from Synapse's shared-secret admin API when the secret is given.
+- `--filter SUBSTR` runs the tests whose name contains `SUBSTR` (for example `sync::`; several, comma-separated, run the union).
+- `--report PATH` writes the JSON report there (default `target/conformance-<server>.json`).
+- `--expected-failures PATH` lists tests that are known gaps of the server, one name per line with a `# reason`; they are reported as skipped. For `--server hearth`, `conformance/expected-failures/hearth.txt` is the default.
+- `--concurrency N` (default 4) and `--timeout-secs S` (default 30) bound the run.
+
+Each line of output is `PASS name`, `FAIL name: reason` or `SKIP name: reason`; the last line is `N passed, M failed, K skipped`, and the exit status is non-zero when a test failed.
+
+Regenerate this page from the two reports:
+
+```sh
+cargo run --release -p conformance --bin conformance -- docs \
+    --hearth target/conformance-hearth.json --synapse target/conformance-synapse.json
+```
+
+A missing report shows as "not run".
+
+## Writing a test
+
+- Put it in the module of its spec section under `conformance/src/tests/`, named after the behaviour it checks, and give the spec anchor in the module's `tests!` list.
+- Use fresh users (`ctx.user()`), wait for conditions with `sync_until` or `eventually`, never sleep for a fixed time.
+- It must pass against Synapse. If Synapse deliberately differs from the spec, check what Synapse does and add `deviation = "<spec quote>"`.
+"#;
