@@ -110,9 +110,9 @@ pub struct EventMeta {
 pub struct MembershipRecord {
     /// `join`, `invite`, `leave`, `ban` or `knock`.
     pub membership: String,
-    /// The member event.
+    /// The newest member event.
     pub event_id: OwnedEventId,
-    /// Its stream position.
+    /// The stream position at which this membership began (profile changes keep it).
     pub position: u64,
     /// Whether the user forgot the room.
     #[serde(default)]
@@ -627,7 +627,16 @@ impl Rooms {
             if let (Some(membership), Ok(user_id)) =
                 (pdu.membership(), UserId::parse(state_key.as_str()))
             {
-                let forgotten = false;
+                // A member event that keeps the membership (a profile change) does not move the
+                // position at which the membership began: sync keys "newly joined" off it.
+                let user_room = keys::join(&[user_id.as_bytes(), room_id.as_bytes()]);
+                let previous = db.get::<MembershipRecord>(USER_ROOMS, &user_room)?;
+                let (position, forgotten) = match previous {
+                    Some(previous) if previous.membership == membership => {
+                        (previous.position, previous.forgotten)
+                    }
+                    _ => (position, false),
+                };
                 let record = MembershipRecord {
                     membership,
                     event_id: pdu.event_id.clone(),

@@ -111,3 +111,31 @@ async fn changes_reach_rooms_as_member_events() {
     assert_eq!(state["displayname"], "Alice in Wonderland");
     assert_eq!(state["avatar_url"], "mxc://localhost/rabbit");
 }
+
+#[tokio::test]
+async fn own_profile_change_is_an_incremental_update_not_a_rejoin() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let room_id = alice.create_room(json!({"preset": "private_chat"})).await;
+    for index in 0..12 {
+        alice.send_text(&room_id, &format!("message {index}")).await;
+    }
+    let first = alice.sync(None, 0).await;
+    let since = first["next_batch"].as_str().unwrap().to_owned();
+    let (status, _) = alice
+        .client
+        .put(
+            &format!("/_matrix/client/v3/profile/{}/displayname", enc(&alice.user_id)),
+            json!({"displayname": "Alice A."}),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let update =
+        alice.sync_until(Some(since), |sync| sync["rooms"]["join"][&room_id].is_object()).await;
+    let room = &update["rooms"]["join"][&room_id];
+    // Only the new member event, not the room replayed as if newly joined.
+    let events = room["timeline"]["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "{room}");
+    assert_eq!(events[0]["content"]["displayname"], "Alice A.");
+    assert_eq!(room["timeline"]["limited"], false, "{room}");
+}
