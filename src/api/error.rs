@@ -197,6 +197,16 @@ impl From<crate::rooms::RoomError> for ApiError {
     }
 }
 
+impl From<crate::e2ee::E2eeError> for ApiError {
+    fn from(error: crate::e2ee::E2eeError) -> Self {
+        use crate::e2ee::E2eeError;
+        match error {
+            E2eeError::InvalidKeys(reason) => Self::invalid_param(reason),
+            E2eeError::Storage(source) => Self::internal(source),
+        }
+    }
+}
+
 /// An empty JSON object, the answer of many endpoints.
 pub fn empty_object() -> Json<Value> {
     Json(json!({}))
