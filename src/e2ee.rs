@@ -98,6 +98,25 @@ pub struct ClaimedKey {
     pub key: Value,
 }
 
+/// Why one object of a signature upload was not stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SignatureFailure {
+    /// The object carries no signature by the uploader.
+    MissingSignature,
+    /// No stored device or cross-signing key has that id.
+    UnknownKey,
+}
+
+/// Signature upload failures, by user id and key id.
+pub type SignatureFailures = BTreeMap<String, BTreeMap<String, SignatureFailure>>;
+
+/// A stored object that signatures can be merged into.
+struct SignedObject {
+    table: &'static str,
+    key: Vec<u8>,
+    value: Value,
+}
+
 /// A to-device message for one recipient device.
 pub struct ToDeviceDelivery {
     /// The recipient.
@@ -395,35 +414,36 @@ impl E2ee {
 
     /// `keys/signatures/upload`: merges the `signatures` of each uploaded object into the
     /// stored device key or cross-signing key it names (a device id, or a cross-signing
-    /// public key). Returns the failures, by user and key id, as `(errcode, error)`.
+    /// public key). Returns the failures.
     #[instrument(skip_all, fields(signer = %signer))]
     pub fn upload_signatures(
         &self,
         signer: &UserId,
         signed: &BTreeMap<OwnedUserId, Map<String, Value>>,
-    ) -> Result<BTreeMap<String, BTreeMap<String, (String, String)>>, E2eeError> {
-        let mut failures: BTreeMap<String, BTreeMap<String, (String, String)>> = BTreeMap::new();
+    ) -> Result<SignatureFailures, E2eeError> {
+        let mut failures = SignatureFailures::new();
         let mut updates: Vec<(&'static str, Vec<u8>, Value)> = Vec::new();
         let mut changed: Vec<&UserId> = Vec::new();
         for (user_id, objects) in signed {
             for (key_id, object) in objects {
-                let mut fail = |errcode: &str, error: &str| {
+                let mut fail = |failure: SignatureFailure| {
                     failures
                         .entry(user_id.to_string())
                         .or_default()
-                        .insert(key_id.clone(), (errcode.to_owned(), error.to_owned()));
+                        .insert(key_id.clone(), failure);
                 };
                 let Some(new_signatures) = object
                     .get("signatures")
                     .and_then(|signatures| signatures.get(signer.as_str()))
                     .and_then(Value::as_object)
                 else {
-                    fail("M_INVALID_SIGNATURE", "No signature by the uploader");
+                    fail(SignatureFailure::MissingSignature);
                     continue;
                 };
-                let Some((table, table_key, mut stored)) = self.signed_object(user_id, key_id)?
+                let Some(SignedObject { table, key: table_key, value: mut stored }) =
+                    self.signed_object(user_id, key_id)?
                 else {
-                    fail("M_NOT_FOUND", "Unknown key");
+                    fail(SignatureFailure::UnknownKey);
                     continue;
                 };
                 let Some(stored_object) = stored.as_object_mut() else { continue };
@@ -467,10 +487,10 @@ impl E2ee {
         &self,
         user_id: &UserId,
         key_id: &str,
-    ) -> Result<Option<(&'static str, Vec<u8>, Value)>, E2eeError> {
+    ) -> Result<Option<SignedObject>, E2eeError> {
         let device = device_key(user_id, key_id);
         if let Some(value) = self.db.get::<Value>(DEVICE_KEYS, &device)? {
-            return Ok(Some((DEVICE_KEYS, device, value)));
+            return Ok(Some(SignedObject { table: DEVICE_KEYS, key: device, value }));
         }
         for kind in CrossSigningKind::ALL {
             if let Some(value) = self.cross_signing_key(user_id, kind)?
@@ -480,7 +500,7 @@ impl E2ee {
                     .is_some_and(|keys| keys.values().any(|public| public == key_id))
             {
                 let key = keys::join(&[user_id.as_bytes(), kind.usage().as_bytes()]);
-                return Ok(Some((CROSS_SIGNING_KEYS, key, value)));
+                return Ok(Some(SignedObject { table: CROSS_SIGNING_KEYS, key, value }));
             }
         }
         Ok(None)

@@ -207,6 +207,18 @@ impl From<crate::e2ee::E2eeError> for ApiError {
     }
 }
 
+/// One entry of the `failures` of `keys/signatures/upload`: `errcode` and `error`.
+pub fn signature_failure(failure: crate::e2ee::SignatureFailure) -> Value {
+    use crate::e2ee::SignatureFailure;
+    let (errcode, error) = match failure {
+        SignatureFailure::MissingSignature => {
+            ("M_INVALID_SIGNATURE", "The object has no signature by the uploader")
+        }
+        SignatureFailure::UnknownKey => ("M_NOT_FOUND", "Unknown device or key"),
+    };
+    json!({"errcode": errcode, "error": error})
+}
+
 /// An empty JSON object, the answer of many endpoints.
 pub fn empty_object() -> Json<Value> {
     Json(json!({}))

@@ -19,7 +19,7 @@ use super::account::password_stage;
 use crate::{
     api::{
         AppState,
-        error::{ApiError, ApiResult},
+        error::{ApiError, ApiResult, signature_failure},
         extract::{Auth, Body, Query},
     },
     e2ee::{CrossSigningKind, E2ee},
@@ -236,9 +236,7 @@ async fn upload_signatures(
         .map(|(user_id, keys)| {
             let keys = keys
                 .into_iter()
-                .map(|(key_id, (errcode, error))| {
-                    (key_id, json!({"errcode": errcode, "error": error}))
-                })
+                .map(|(key_id, failure)| (key_id, signature_failure(failure)))
                 .collect();
             (user_id, keys)
         })
