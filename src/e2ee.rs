@@ -22,8 +22,9 @@ use crate::notify::Notifier;
 
 /// (user, device) -> the signed device keys object, as uploaded (plus merged signatures).
 const DEVICE_KEYS: &str = "user_device_to_device_keys";
-/// (user, device, `algorithm:key_id`) -> one unclaimed one-time key.
-const ONE_TIME_KEYS: &str = "user_device_key_to_one_time_key";
+/// (user, device, algorithm, upload sequence ++ `algorithm:key_id`) -> one unclaimed
+/// one-time key. The sequence makes key order upload order, which is claim order.
+const ONE_TIME_KEYS: &str = "user_device_algorithm_upload_to_one_time_key";
 /// (user, device, algorithm) -> the device's fallback key of that algorithm.
 const FALLBACK_KEYS: &str = "user_device_algorithm_to_fallback_key";
 /// (user, kind) -> a cross-signing key (`master`, `self_signing`, `user_signing`).
@@ -148,6 +149,14 @@ fn algorithm_of(key_id: &str) -> Result<&str, E2eeError> {
     }
 }
 
+/// The `algorithm:key_id` of a one-time key's table key, given the (user, device) prefix:
+/// after the algorithm and its separator come the 8-byte upload sequence and the key id.
+fn one_time_key_id<'k>(device_prefix: &[u8], key: &'k [u8]) -> Option<&'k str> {
+    let rest = key.get(device_prefix.len()..)?;
+    let separator = rest.iter().position(|byte| *byte == keys::SEP)?;
+    std::str::from_utf8(rest.get(separator + 1 + 8..)?).ok()
+}
+
 impl E2ee {
     /// The component over `db`.
     pub fn new(db: Db, notifier: Notifier) -> Self {
@@ -214,20 +223,38 @@ impl E2ee {
         for key_id in one_time_keys.keys().chain(fallback_keys.keys()) {
             algorithm_of(key_id)?;
         }
-        let mut new_one_time_keys = Vec::new();
-        for (key_id, value) in one_time_keys {
-            let otk_key =
-                keys::join(&[user_id.as_bytes(), device_id.as_bytes(), key_id.as_bytes()]);
-            if !self.db.contains(ONE_TIME_KEYS, &otk_key)? {
-                new_one_time_keys.push((otk_key, value));
+        // A key id that is already stored keeps its key: a client retrying an upload must not
+        // create a second copy of a key.
+        let device_prefix = keys::prefix(&[user_id.as_bytes(), device_id.as_bytes()]);
+        let mut stored_key_ids = std::collections::BTreeSet::new();
+        self.db.for_each_prefix(ONE_TIME_KEYS, &device_prefix, |key, _| {
+            if let Some(key_id) = one_time_key_id(&device_prefix, key) {
+                stored_key_ids.insert(key_id.to_owned());
             }
-        }
+            true
+        })?;
+        let new_one_time_keys: Vec<(&String, &Value)> =
+            one_time_keys.iter().filter(|(key_id, _)| !stored_key_ids.contains(*key_id)).collect();
+        let db = &self.db;
         self.commit(&changed, |batch| {
             if let Some(device_keys) = device_keys {
                 batch.put(DEVICE_KEYS, &key, device_keys)?;
             }
-            for (otk_key, value) in new_one_time_keys {
-                batch.put(ONE_TIME_KEYS, &otk_key, value)?;
+            if !new_one_time_keys.is_empty() {
+                // One sequence number per upload: the spec orders claims by upload call and
+                // leaves the order within one call open.
+                let upload = db.next_short(batch)?;
+                for (key_id, value) in new_one_time_keys {
+                    let algorithm = key_id.split_once(':').map_or(key_id.as_str(), |(a, _)| a);
+                    let mut otk_key = keys::prefix(&[
+                        user_id.as_bytes(),
+                        device_id.as_bytes(),
+                        algorithm.as_bytes(),
+                    ]);
+                    otk_key.extend_from_slice(&keys::encode_u64(upload));
+                    otk_key.extend_from_slice(key_id.as_bytes());
+                    batch.put(ONE_TIME_KEYS, &otk_key, value)?;
+                }
             }
             for (key_id, value) in fallback_keys {
                 let algorithm = key_id.split_once(':').map_or(key_id.as_str(), |(a, _)| a);
@@ -252,8 +279,9 @@ impl E2ee {
         let mut counts = BTreeMap::from([("signed_curve25519".to_owned(), 0)]);
         let prefix = keys::prefix(&[user_id.as_bytes(), device_id.as_bytes()]);
         self.db.for_each_prefix(ONE_TIME_KEYS, &prefix, |key, _| {
-            let key_id = String::from_utf8_lossy(&key[prefix.len()..]);
-            if let Some((algorithm, _)) = key_id.split_once(':') {
+            if let Some((algorithm, _)) =
+                one_time_key_id(&prefix, key).and_then(|key_id| key_id.split_once(':'))
+            {
                 *counts.entry(algorithm.to_owned()).or_default() += 1;
             }
             true
@@ -321,32 +349,31 @@ impl E2ee {
         let _guard = self.locked();
         let mut batch = self.db.batch();
         let mut claimed = Vec::new();
+        let mut taken: Vec<Vec<u8>> = Vec::new();
         for (user_id, device_id, algorithm) in wanted {
-            let mut prefix = keys::prefix(&[user_id.as_bytes(), device_id.as_bytes()]);
-            let key_prefix_len = prefix.len();
-            prefix.extend_from_slice(algorithm.as_bytes());
-            prefix.push(b':');
+            let device_prefix = keys::prefix(&[user_id.as_bytes(), device_id.as_bytes()]);
+            let prefix =
+                keys::prefix(&[user_id.as_bytes(), device_id.as_bytes(), algorithm.as_bytes()]);
             let mut found = None;
+            // The oldest upload first; keys this request already took are skipped.
             self.db.for_each_prefix(ONE_TIME_KEYS, &prefix, |key, value| {
-                if claimed.iter().all(|done: &ClaimedKey| {
-                    done.user_id != *user_id
-                        || done.device_id != *device_id
-                        || done.key_id.as_bytes() != &key[key_prefix_len..]
-                }) {
+                if !taken.iter().any(|done| done == key) {
                     found = Some((key.to_vec(), value.to_vec()));
                     return false;
                 }
                 true
             })?;
             if let Some((key, value)) = found {
+                let key_id = one_time_key_id(&device_prefix, &key).unwrap_or_default().to_owned();
                 let value = serde_json::from_slice(&value).map_err(|source| {
                     storage::Error::Corrupt { table: ONE_TIME_KEYS.to_owned(), source }
                 })?;
                 batch.delete(ONE_TIME_KEYS, &key)?;
+                taken.push(key);
                 claimed.push(ClaimedKey {
                     user_id: user_id.clone(),
                     device_id: device_id.clone(),
-                    key_id: String::from_utf8_lossy(&key[key_prefix_len..]).into_owned(),
+                    key_id,
                     key: value,
                 });
                 continue;
@@ -649,28 +676,37 @@ mod tests {
     }
 
     #[test]
-    fn one_time_keys_are_claimed_once_then_the_fallback_key() {
+    fn one_time_keys_are_claimed_once_in_upload_order_then_the_fallback_key() {
         let (_dir, e2ee) = e2ee();
         let user_id: OwnedUserId = "@a:x".try_into().unwrap();
         let device_id: OwnedDeviceId = "D".into();
-        let otks = serde_json::json!({"signed_curve25519:1": {"key": "one"}});
-        let fallback = serde_json::json!({"signed_curve25519:f": {"key": "fb"}});
-        let counts = e2ee
-            .upload_keys(
+        let upload = |otks: Value, fallback: Value| {
+            e2ee.upload_keys(
                 &user_id,
                 &device_id,
                 None,
                 otks.as_object().unwrap(),
                 fallback.as_object().unwrap(),
             )
-            .unwrap();
-        assert_eq!(counts["signed_curve25519"], 1);
+            .unwrap()
+        };
+        let fallback = serde_json::json!({"signed_curve25519:f": {"key": "fb"}});
+        upload(serde_json::json!({"signed_curve25519:z": {"key": "old"}}), fallback);
+        let counts = upload(
+            serde_json::json!({"signed_curve25519:a": {"key": "new"}, "signed_curve25519:z": {"key": "dup"}}),
+            serde_json::json!({}),
+        );
+        assert_eq!(counts["signed_curve25519"], 2);
         let wanted = [(user_id.clone(), device_id.clone(), "signed_curve25519".to_owned())];
-        let first = e2ee.claim_keys(&wanted).unwrap();
-        assert_eq!(first[0].key_id, "signed_curve25519:1");
+        let claim = || {
+            let claimed = e2ee.claim_keys(&wanted).unwrap();
+            (claimed[0].key_id.clone(), claimed[0].key["key"].as_str().unwrap().to_owned())
+        };
+        assert_eq!(claim(), ("signed_curve25519:z".to_owned(), "old".to_owned()));
+        assert_eq!(claim(), ("signed_curve25519:a".to_owned(), "new".to_owned()));
         assert_eq!(e2ee.unused_fallback_key_types(&user_id, &device_id).unwrap().len(), 1);
-        let second = e2ee.claim_keys(&wanted).unwrap();
-        assert_eq!(second[0].key_id, "signed_curve25519:f");
+        assert_eq!(claim(), ("signed_curve25519:f".to_owned(), "fb".to_owned()));
         assert!(e2ee.unused_fallback_key_types(&user_id, &device_id).unwrap().is_empty());
+        assert_eq!(e2ee.one_time_key_counts(&user_id, &device_id).unwrap()["signed_curve25519"], 0);
     }
 }

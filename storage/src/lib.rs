@@ -58,7 +58,7 @@ pub const TABLES: &[&str] = &[
     "user_id_to_presence",
     "event_relations",
     "user_device_to_device_keys",
-    "user_device_key_to_one_time_key",
+    "user_device_algorithm_upload_to_one_time_key",
     "user_device_algorithm_to_fallback_key",
     "user_kind_to_cross_signing_key",
     "position_user_to_key_change",
