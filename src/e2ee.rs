@@ -42,6 +42,9 @@ pub enum E2eeError {
     /// The uploaded keys are malformed or belong to someone else.
     #[error("invalid keys: {0}")]
     InvalidKeys(String),
+    /// A cross-signing key is not signed by the user's master key.
+    #[error("invalid signature: {0}")]
+    InvalidSignature(String),
     /// Storage failed.
     #[error(transparent)]
     Storage(#[from] storage::Error),
@@ -104,6 +107,8 @@ pub struct ClaimedKey {
 pub enum SignatureFailure {
     /// The object carries no signature by the uploader.
     MissingSignature,
+    /// A signature does not verify with the uploader's key it names, or names no such key.
+    InvalidSignature,
     /// No stored device or cross-signing key has that id.
     UnknownKey,
 }
@@ -155,6 +160,50 @@ fn one_time_key_id<'k>(device_prefix: &[u8], key: &'k [u8]) -> Option<&'k str> {
     let rest = key.get(device_prefix.len()..)?;
     let separator = rest.iter().position(|byte| *byte == keys::SEP)?;
     std::str::from_utf8(rest.get(separator + 1 + 8..)?).ok()
+}
+
+/// The public key of a cross-signing key object: the value of its one `keys` entry.
+fn cross_signing_public_key(key: &Value) -> Option<&str> {
+    key.get("keys")?.as_object()?.values().next()?.as_str()
+}
+
+/// Whether `object` carries a valid signature by `signer` under `key_id` (`ed25519:...`),
+/// checked with `public_key` (unpadded base64) over the object's canonical JSON without
+/// `signatures` and `unsigned`.
+/// [Signing JSON](https://spec.matrix.org/v1.16/appendices/#signing-json)
+fn signed_by(object: &Value, signer: &UserId, key_id: &str, public_key: &str) -> bool {
+    use base64::Engine as _;
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    let Some(signature) = object
+        .get("signatures")
+        .and_then(|signatures| signatures.get(signer.as_str()))
+        .and_then(|by_signer| by_signer.get(key_id))
+        .and_then(Value::as_str)
+    else {
+        return false;
+    };
+    let Ok(canonical) = serde_json::from_value::<ruma::CanonicalJsonObject>(object.clone()) else {
+        return false;
+    };
+    let Ok(canonical) = ruma::signatures::to_canonical_json_string_for_signing(&canonical) else {
+        return false;
+    };
+    let (Ok(public_key), Ok(signature)) = (engine.decode(public_key), engine.decode(signature))
+    else {
+        return false;
+    };
+    key_id.starts_with("ed25519:")
+        && ruma::signatures::verify_canonical_json_bytes(
+            &ruma::SigningKeyAlgorithm::Ed25519,
+            &public_key,
+            &signature,
+            canonical.as_bytes(),
+        )
+        .is_ok()
 }
 
 impl E2ee {
@@ -336,6 +385,21 @@ impl E2ee {
         Ok(self.cross_signing_key(user_id, CrossSigningKind::Master)?.is_some())
     }
 
+    /// Whether every uploaded cross-signing key is already stored as is (a retried upload,
+    /// which changes nothing and needs no user-interactive auth).
+    pub fn cross_signing_keys_unchanged(
+        &self,
+        user_id: &UserId,
+        uploaded: &[(CrossSigningKind, Value)],
+    ) -> Result<bool, E2eeError> {
+        for (kind, key) in uploaded {
+            if self.cross_signing_key(user_id, *kind)?.as_ref() != Some(key) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// `keys/claim`: takes one one-time key of the algorithm for each (user, device); when the
     /// device has none left, its fallback key (marked used, and handed out again until
     /// replaced). Devices with neither are left out.
@@ -427,6 +491,33 @@ impl E2ee {
                 )));
             }
         }
+        // The self-signing and user-signing keys must be signed by the master key: the one in
+        // this upload, else the stored one.
+        let uploaded_master = uploaded
+            .iter()
+            .find(|(kind, _)| *kind == CrossSigningKind::Master)
+            .map(|(_, key)| key.clone());
+        let master = match uploaded_master {
+            Some(master) => Some(master),
+            None => self.cross_signing_key(user_id, CrossSigningKind::Master)?,
+        };
+        for (kind, key) in uploaded {
+            if *kind == CrossSigningKind::Master {
+                continue;
+            }
+            let Some(master_public) = master.as_ref().and_then(cross_signing_public_key) else {
+                return Err(E2eeError::InvalidKeys(format!(
+                    "The {} key needs a master key",
+                    kind.usage()
+                )));
+            };
+            if !signed_by(key, user_id, &format!("ed25519:{master_public}"), master_public) {
+                return Err(E2eeError::InvalidSignature(format!(
+                    "The {} key is not signed by the master key",
+                    kind.usage()
+                )));
+            }
+        }
         if uploaded.is_empty() {
             return Ok(());
         }
@@ -473,6 +564,37 @@ impl E2ee {
                     fail(SignatureFailure::UnknownKey);
                     continue;
                 };
+                // Each new signature must verify over the stored object (not the uploaded copy,
+                // which could differ) with a key of the signer's.
+                let mut verified = true;
+                for (signing_key_id, signature) in new_signatures {
+                    // Clients send the whole object back, with the signatures it already had.
+                    let already_stored = stored
+                        .get("signatures")
+                        .and_then(|signatures| signatures.get(signer.as_str()))
+                        .and_then(|by_signer| by_signer.get(signing_key_id))
+                        == Some(signature);
+                    if already_stored {
+                        continue;
+                    }
+                    let public_key = self.signer_public_key(signer, signing_key_id)?;
+                    let mut candidate = stored.clone();
+                    if let Some(object) = candidate.as_object_mut() {
+                        object.insert(
+                            "signatures".into(),
+                            serde_json::json!({signer.as_str(): {signing_key_id: signature}}),
+                        );
+                    }
+                    if !public_key.is_some_and(|public_key| {
+                        signed_by(&candidate, signer, signing_key_id, &public_key)
+                    }) {
+                        verified = false;
+                    }
+                }
+                if !verified {
+                    fail(SignatureFailure::InvalidSignature);
+                    continue;
+                }
                 let Some(stored_object) = stored.as_object_mut() else { continue };
                 let signatures =
                     stored_object.entry("signatures").or_insert_with(|| Value::Object(Map::new()));
@@ -528,6 +650,30 @@ impl E2ee {
             {
                 let key = keys::join(&[user_id.as_bytes(), kind.usage().as_bytes()]);
                 return Ok(Some(SignedObject { table: CROSS_SIGNING_KEYS, key, value }));
+            }
+        }
+        Ok(None)
+    }
+
+    /// The public key behind one of the signer's key ids (`ed25519:<device id>` for a device,
+    /// `ed25519:<public key>` for a cross-signing key).
+    fn signer_public_key(
+        &self,
+        signer: &UserId,
+        signing_key_id: &str,
+    ) -> Result<Option<String>, E2eeError> {
+        let Some(name) = signing_key_id.strip_prefix("ed25519:") else { return Ok(None) };
+        if let Some(device) = self.db.get::<Value>(DEVICE_KEYS, &device_key(signer, name))?
+            && let Some(public_key) =
+                device.get("keys").and_then(|keys| keys.get(signing_key_id)).and_then(Value::as_str)
+        {
+            return Ok(Some(public_key.to_owned()));
+        }
+        for kind in CrossSigningKind::ALL {
+            if let Some(key) = self.cross_signing_key(signer, kind)?
+                && cross_signing_public_key(&key) == Some(name)
+            {
+                return Ok(Some(name.to_owned()));
             }
         }
         Ok(None)

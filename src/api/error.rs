@@ -202,6 +202,9 @@ impl From<crate::e2ee::E2eeError> for ApiError {
         use crate::e2ee::E2eeError;
         match error {
             E2eeError::InvalidKeys(reason) => Self::invalid_param(reason),
+            E2eeError::InvalidSignature(reason) => {
+                Self::new(StatusCode::BAD_REQUEST, "M_INVALID_SIGNATURE", reason)
+            }
             E2eeError::Storage(source) => Self::internal(source),
         }
     }
@@ -213,6 +216,9 @@ pub fn signature_failure(failure: crate::e2ee::SignatureFailure) -> Value {
     let (errcode, error) = match failure {
         SignatureFailure::MissingSignature => {
             ("M_INVALID_SIGNATURE", "The object has no signature by the uploader")
+        }
+        SignatureFailure::InvalidSignature => {
+            ("M_INVALID_SIGNATURE", "The signature does not verify with a key of the uploader")
         }
         SignatureFailure::UnknownKey => ("M_NOT_FOUND", "Unknown device or key"),
     };

@@ -2,6 +2,7 @@
 //! exactly once, fallback keys), key changes, cross-signing and signatures, and to-device
 //! messages (delivered until acknowledged, never after, and kept across a restart).
 
+use ruma::{CanonicalJsonObject, signatures::Ed25519KeyPair};
 use serde_json::{Value, json};
 
 use crate::harness::{TestServer, User, assert_error, assert_ok, enc};
@@ -255,13 +256,60 @@ async fn key_changes_reach_users_who_share_a_room() {
     assert_eq!(sync["device_lists"]["left"], json!([alice.user_id]), "sync: {sync}");
 }
 
-fn cross_signing_key(user: &User, usage: &str, public: &str) -> Value {
-    json!({
+/// An ed25519 key pair whose key id is its unpadded base64 public key, as cross-signing keys
+/// are named.
+struct SigningKey {
+    pair: Ed25519KeyPair,
+    public: String,
+}
+
+fn signing_key() -> SigningKey {
+    let der = Ed25519KeyPair::generate();
+    let public = ruma::serde::Base64::<ruma::serde::base64::Standard, _>::new(
+        Ed25519KeyPair::from_der(&der, "x".into()).expect("key").public_key().to_vec(),
+    )
+    .encode();
+    SigningKey { pair: Ed25519KeyPair::from_der(&der, public.clone()).expect("key"), public }
+}
+
+/// Signs `object` as `signer` with `key`, keeping its other signatures.
+fn sign(object: &mut Value, signer: &str, key: &SigningKey) {
+    let mut canonical: CanonicalJsonObject = serde_json::from_value(object.clone()).expect("json");
+    ruma::signatures::sign_json(signer, &key.pair, &mut canonical).expect("signing");
+    *object = serde_json::to_value(canonical).expect("json");
+}
+
+fn cross_signing_key(
+    user: &User,
+    usage: &str,
+    key: &SigningKey,
+    master: Option<&SigningKey>,
+) -> Value {
+    let mut object = json!({
         "user_id": user.user_id,
         "usage": [usage],
-        "keys": {format!("ed25519:{public}"): public},
-    })
+        "keys": {format!("ed25519:{}", key.public): key.public},
+    });
+    if let Some(master) = master {
+        sign(&mut object, &user.user_id, master);
+    }
+    object
 }
+
+fn password_auth(user: &User, session: Option<&str>) -> Value {
+    let mut auth = json!({
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": user.user_id},
+        "password": "secret-password",
+    });
+    if let Some(session) = session {
+        auth["session"] = json!(session);
+    }
+    auth
+}
+
+const SIGNING_UPLOAD: &str = "/_matrix/client/v3/keys/device_signing/upload";
+const SIGNATURES_UPLOAD: &str = "/_matrix/client/v3/keys/signatures/upload";
 
 #[tokio::test]
 async fn cross_signing_keys_and_signatures_show_in_query() {
@@ -269,59 +317,82 @@ async fn cross_signing_keys_and_signatures_show_in_query() {
     let alice = server.register("alice").await;
     let bob = server.register("bob").await;
     assert_ok(alice.client.post(UPLOAD, json!({"device_keys": device_keys(&alice)})).await);
-    let signing_upload = "/_matrix/client/v3/keys/device_signing/upload";
+    let (master, self_signing, user_signing) = (signing_key(), signing_key(), signing_key());
     let keys = json!({
-        "master_key": cross_signing_key(&alice, "master", "MASTER"),
-        "self_signing_key": cross_signing_key(&alice, "self_signing", "SELF"),
-        "user_signing_key": cross_signing_key(&alice, "user_signing", "USER"),
+        "master_key": cross_signing_key(&alice, "master", &master, None),
+        "self_signing_key": cross_signing_key(&alice, "self_signing", &self_signing, Some(&master)),
+        "user_signing_key": cross_signing_key(&alice, "user_signing", &user_signing, Some(&master)),
     });
-    // The first upload needs no user-interactive auth.
-    assert_ok(alice.client.post(signing_upload, keys.clone()).await);
+    // A self-signing key that the master key did not sign is refused.
+    let mut unsigned = keys.clone();
+    unsigned["self_signing_key"] = cross_signing_key(&alice, "self_signing", &self_signing, None);
+    assert_error(&alice.client.post(SIGNING_UPLOAD, unsigned).await, 400, "M_INVALID_SIGNATURE");
+    // The first upload needs no user-interactive auth, nor does a retry of the same keys.
+    assert_ok(alice.client.post(SIGNING_UPLOAD, keys.clone()).await);
+    assert_ok(alice.client.post(SIGNING_UPLOAD, keys.clone()).await);
     // Replacing them does.
-    let challenge = alice.client.post(signing_upload, keys.clone()).await;
+    let new_self_signing = signing_key();
+    let mut replacement = json!({
+        "self_signing_key": cross_signing_key(&alice, "self_signing", &new_self_signing, Some(&master)),
+    });
+    let challenge = alice.client.post(SIGNING_UPLOAD, replacement.clone()).await;
     assert_eq!(challenge.0, 401, "answer: {}", challenge.1);
     let session = challenge.1["session"].as_str().expect("session");
-    let mut with_auth = keys.clone();
-    with_auth["auth"] = json!({
-        "type": "m.login.password",
-        "session": session,
-        "identifier": {"type": "m.id.user", "user": alice.user_id},
-        "password": "secret-password",
+    replacement["auth"] = password_auth(&alice, Some(session));
+    assert_ok(alice.client.post(SIGNING_UPLOAD, replacement).await);
+    // A key of someone else is refused.
+    let foreign = json!({
+        "master_key": cross_signing_key(&bob, "master", &signing_key(), None),
+        "auth": password_auth(&alice, None),
     });
-    assert_ok(alice.client.post(signing_upload, with_auth).await);
-    // A key with the wrong usage is refused.
-    assert_error(
-        &alice
-            .client
-            .post(
-                signing_upload,
-                json!({"master_key": cross_signing_key(&bob, "master", "X"), "auth": {"type": "m.login.password", "identifier": {"type": "m.id.user", "user": alice.user_id}, "password": "secret-password"}}),
-            )
-            .await,
-        400,
-        "M_INVALID_PARAM",
-    );
+    assert_error(&alice.client.post(SIGNING_UPLOAD, foreign).await, 400, "M_INVALID_PARAM");
 
-    // Alice's self-signing key signs her device; bob's user-signing key signs her master key.
+    // Alice's (new) self-signing key signs her device; a forged signature is refused.
     let mut signed_device = device_keys(&alice);
-    signed_device["signatures"] = json!({alice.user_id.clone(): {"ed25519:SELF": "device-sig"}});
+    sign(&mut signed_device, &alice.user_id, &new_self_signing);
+    let mut forged_device = device_keys(&alice);
+    forged_device["keys"]["curve25519:other"] = json!("changed");
+    sign(&mut forged_device, &alice.user_id, &new_self_signing);
+    let self_signature = format!("ed25519:{}", new_self_signing.public);
     let answer = assert_ok(
         alice
             .client
             .post(
-                "/_matrix/client/v3/keys/signatures/upload",
-                json!({alice.user_id.clone(): {alice.device_id.clone(): signed_device, "UNKNOWN": {"signatures": {alice.user_id.clone(): {"ed25519:SELF": "x"}}}}}),
+                SIGNATURES_UPLOAD,
+                json!({alice.user_id.clone(): {alice.device_id.clone(): signed_device}}),
             )
             .await,
     );
+    assert_eq!(answer["failures"], json!({}));
+    let answer = assert_ok(
+        alice
+            .client
+            .post(
+                SIGNATURES_UPLOAD,
+                json!({alice.user_id.clone(): {alice.device_id.clone(): forged_device, "UNKNOWN": {"signatures": {alice.user_id.clone(): {"ed25519:x": "x"}}}}}),
+            )
+            .await,
+    );
+    assert_eq!(
+        answer["failures"][&alice.user_id][&alice.device_id]["errcode"],
+        "M_INVALID_SIGNATURE"
+    );
     assert_eq!(answer["failures"][&alice.user_id]["UNKNOWN"]["errcode"], "M_NOT_FOUND");
-    let mut signed_master = cross_signing_key(&alice, "master", "MASTER");
-    signed_master["signatures"] = json!({bob.user_id.clone(): {"ed25519:BOBUSER": "master-sig"}});
+
+    // Bob's user-signing key signs alice's master key.
+    let (bob_master, bob_user_signing) = (signing_key(), signing_key());
+    let bob_keys = json!({
+        "master_key": cross_signing_key(&bob, "master", &bob_master, None),
+        "user_signing_key": cross_signing_key(&bob, "user_signing", &bob_user_signing, Some(&bob_master)),
+    });
+    assert_ok(bob.client.post(SIGNING_UPLOAD, bob_keys).await);
+    let mut signed_master = cross_signing_key(&alice, "master", &master, None);
+    sign(&mut signed_master, &bob.user_id, &bob_user_signing);
     let answer = assert_ok(
         bob.client
             .post(
-                "/_matrix/client/v3/keys/signatures/upload",
-                json!({alice.user_id.clone(): {"MASTER": signed_master}}),
+                SIGNATURES_UPLOAD,
+                json!({alice.user_id.clone(): {master.public.clone(): signed_master}}),
             )
             .await,
     );
@@ -329,15 +400,21 @@ async fn cross_signing_keys_and_signatures_show_in_query() {
 
     let seen_by_bob = query(&bob, &alice).await;
     let device = &seen_by_bob["device_keys"][&alice.user_id][&alice.device_id];
-    assert_eq!(device["signatures"][&alice.user_id]["ed25519:SELF"], "device-sig");
+    assert!(device["signatures"][&alice.user_id][&self_signature].is_string(), "{device}");
     assert_eq!(
         device["signatures"][&alice.user_id][format!("ed25519:{}", alice.device_id)],
         "self-sig"
     );
-    let master = &seen_by_bob["master_keys"][&alice.user_id];
-    assert_eq!(master["keys"]["ed25519:MASTER"], "MASTER");
-    assert_eq!(master["signatures"][&bob.user_id]["ed25519:BOBUSER"], "master-sig");
-    assert_eq!(seen_by_bob["self_signing_keys"][&alice.user_id]["usage"], json!(["self_signing"]));
+    assert!(device["keys"].get("curve25519:other").is_none());
+    let stored_master = &seen_by_bob["master_keys"][&alice.user_id];
+    assert_eq!(stored_master["keys"][format!("ed25519:{}", master.public)], master.public);
+    let bob_signature = format!("ed25519:{}", bob_user_signing.public);
+    assert!(
+        stored_master["signatures"][&bob.user_id][&bob_signature].is_string(),
+        "{stored_master}"
+    );
+    let stored_self_signing = &seen_by_bob["self_signing_keys"][&alice.user_id];
+    assert_eq!(stored_self_signing["keys"][&self_signature], new_self_signing.public);
     // The user-signing key is only shown to its owner.
     assert!(seen_by_bob["user_signing_keys"].get(&alice.user_id).is_none());
     let seen_by_alice = query(&alice, &alice).await;

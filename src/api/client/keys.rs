@@ -194,19 +194,14 @@ struct CrossSigningBody {
 
 /// `POST /_matrix/client/v3/keys/device_signing/upload`
 ///
-/// User-interactive auth, except for the first upload: the spec allows that while the user
-/// has no cross-signing keys, so a fresh client can bootstrap without a password.
+/// User-interactive auth, except for the first upload (the spec allows that while the user
+/// has no cross-signing keys, so a fresh client can bootstrap without a password) and for a
+/// retry that uploads exactly the stored keys, which changes nothing.
 async fn upload_cross_signing_keys(
     State(state): State<AppState>,
     auth: Auth,
     Body(body): Body<CrossSigningBody>,
 ) -> ApiResult {
-    if state.e2ee.has_cross_signing_keys(&auth.user_id)? {
-        state
-            .uia
-            .check(body.auth.as_ref(), &[&["m.login.password"]], password_stage(&state, &auth))
-            .await?;
-    }
     let uploaded: Vec<(CrossSigningKind, Value)> = [
         (CrossSigningKind::Master, body.master_key),
         (CrossSigningKind::SelfSigning, body.self_signing_key),
@@ -215,6 +210,15 @@ async fn upload_cross_signing_keys(
     .into_iter()
     .filter_map(|(kind, key)| key.map(|key| (kind, key)))
     .collect();
+    if state.e2ee.has_cross_signing_keys(&auth.user_id)? {
+        if state.e2ee.cross_signing_keys_unchanged(&auth.user_id, &uploaded)? {
+            return Ok(Json(json!({})));
+        }
+        state
+            .uia
+            .check(body.auth.as_ref(), &[&["m.login.password"]], password_stage(&state, &auth))
+            .await?;
+    }
     state.e2ee.upload_cross_signing_keys(&auth.user_id, &uploaded)?;
     Ok(Json(json!({})))
 }
