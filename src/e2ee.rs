@@ -33,6 +33,12 @@ const CROSS_SIGNING_KEYS: &str = "user_kind_to_cross_signing_key";
 const KEY_CHANGES: &str = "position_user_to_key_change";
 /// (user, device, position, index) -> a to-device message waiting for delivery.
 const TO_DEVICE: &str = "user_device_position_to_to_device";
+/// (user, device, cursor id) -> the table key of the last to-device message a sync delivered
+/// when it had to leave some out; the id goes into its `next_batch` (see
+/// [`E2ee::to_device_events`]).
+const TO_DEVICE_CURSORS: &str = "user_device_batch_to_to_device_cursor";
+/// At most this many to-device messages go into one sync answer; the rest wait for the next.
+pub const TO_DEVICE_PER_SYNC_MAX: usize = 100;
 /// (sender user, sender device, txn id) -> nothing: the transaction was already sent.
 const TO_DEVICE_TXNS: &str = "user_device_txn_to_to_device_txn";
 
@@ -713,7 +719,7 @@ impl E2ee {
         for device_id in device_ids {
             doomed.push((DEVICE_KEYS, device_key(user_id, device_id.as_str())));
             let prefix = keys::prefix(&[user_id.as_bytes(), device_id.as_bytes()]);
-            for table in [ONE_TIME_KEYS, FALLBACK_KEYS, TO_DEVICE] {
+            for table in [ONE_TIME_KEYS, FALLBACK_KEYS, TO_DEVICE, TO_DEVICE_CURSORS] {
                 self.db.for_each_prefix(table, &prefix, |key, _| {
                     doomed.push((table, key.to_vec()));
                     true
@@ -765,29 +771,54 @@ impl E2ee {
         Ok(true)
     }
 
-    /// The device's to-device messages for a sync: first deletes those at or before `since`
-    /// (the client acknowledged them by syncing from there), then returns the rest up to
-    /// `upto`, in order. A lost answer is delivered again, an acknowledged one never.
+    /// The device's to-device messages for a sync, at most [`TO_DEVICE_PER_SYNC_MAX`], in order,
+    /// and the cursor to put in `next_batch` when some had to wait for the next sync.
+    ///
+    /// First deletes what the client acknowledged by syncing from `since`: up to the last
+    /// message delivered under `cursor` when the token has one, else everything at or before
+    /// `since`. Then returns the rest up to `upto`. A lost answer is delivered again (the client
+    /// retries with the same token), an acknowledged one never.
     pub fn to_device_events(
         &self,
         user_id: &UserId,
         device_id: &DeviceId,
         since: Option<u64>,
+        cursor: Option<u64>,
         upto: u64,
-    ) -> Result<Vec<Value>, E2eeError> {
+    ) -> Result<(Vec<Value>, Option<u64>), E2eeError> {
         let prefix = keys::prefix(&[user_id.as_bytes(), device_id.as_bytes()]);
+        let cursor_key = |cursor: u64| {
+            let mut key = prefix.clone();
+            key.extend_from_slice(&keys::encode_u64(cursor));
+            key
+        };
+        let acked_up_to = match (since, cursor) {
+            (Some(_), Some(cursor)) => self.db.get_raw(TO_DEVICE_CURSORS, &cursor_key(cursor))?,
+            _ => None,
+        };
         let mut acknowledged = Vec::new();
         let mut events = Vec::new();
+        let mut last_delivered = None;
+        let mut limited = false;
         self.db.for_each_prefix(TO_DEVICE, &prefix, |key, value| {
             let Some(position) = key.get(prefix.len()..prefix.len() + 8).and_then(keys::decode_u64)
             else {
                 return true;
             };
-            if since.is_some_and(|since| position <= since) {
+            let acked = match (&acked_up_to, since) {
+                (Some(last), _) => key <= last.as_slice(),
+                (None, Some(since)) => position <= since,
+                (None, None) => false,
+            };
+            if acked {
                 acknowledged.push(key.to_vec());
                 return true;
             }
             if position > upto {
+                return false;
+            }
+            if events.len() == TO_DEVICE_PER_SYNC_MAX {
+                limited = true;
                 return false;
             }
             if let Ok(message) = serde_json::from_slice::<ToDeviceMessage>(value) {
@@ -797,16 +828,38 @@ impl E2ee {
                     "content": message.content,
                 }));
             }
+            last_delivered = Some(key.to_vec());
             true
         })?;
-        if !acknowledged.is_empty() {
-            let mut batch = self.db.batch();
-            for key in &acknowledged {
-                batch.delete(TO_DEVICE, key)?;
+        let mut batch = self.db.batch();
+        for key in &acknowledged {
+            batch.delete(TO_DEVICE, key)?;
+        }
+        if since.is_some() {
+            // Cursors older than the token's are done with: the client has moved past them. A
+            // token without one means the client is past every cursor.
+            let mut done = Vec::new();
+            self.db.for_each_prefix(TO_DEVICE_CURSORS, &prefix, |key, _| {
+                let id = key.get(prefix.len()..).and_then(keys::decode_u64);
+                if cursor.is_none_or(|cursor| id.is_some_and(|id| id < cursor)) {
+                    done.push(key.to_vec());
+                }
+                true
+            })?;
+            for key in &done {
+                batch.delete(TO_DEVICE_CURSORS, key)?;
             }
+        }
+        let mut next_cursor = None;
+        if limited && let Some(last_delivered) = &last_delivered {
+            let id = self.db.next_short(&mut batch)?;
+            batch.put_raw(TO_DEVICE_CURSORS, &cursor_key(id), last_delivered)?;
+            next_cursor = Some(id);
+        }
+        if !batch.is_empty() {
             self.db.write(batch)?;
         }
-        Ok(events)
+        Ok((events, next_cursor))
     }
 }
 

@@ -29,9 +29,20 @@ pub fn token(position: u64) -> String {
     format!("s{position}")
 }
 
-/// Parses a token made by [`token`] (a bare number is accepted too).
+/// Parses a token made by [`token`] (a bare number is accepted too, and the to-device
+/// cursor of a sync token is ignored).
 pub fn parse_token(token: &str) -> Option<u64> {
-    token.strip_prefix('s').or_else(|| token.strip_prefix('t')).unwrap_or(token).parse().ok()
+    parse_sync_token(token).map(|(position, _)| position)
+}
+
+/// Parses a sync token: `s<position>`, or `s<position>_<cursor>` when that sync had to leave
+/// to-device messages for the next one (the cursor says which it delivered).
+pub fn parse_sync_token(token: &str) -> Option<(u64, Option<u64>)> {
+    let bare = token.strip_prefix('s').or_else(|| token.strip_prefix('t')).unwrap_or(token);
+    match bare.split_once('_') {
+        Some((position, cursor)) => Some((position.parse().ok()?, Some(cursor.parse().ok()?))),
+        None => Some((bare.parse().ok()?, None)),
+    }
 }
 
 /// What the client asked for.
@@ -40,6 +51,8 @@ pub struct SyncRequest {
     pub filter: Filter,
     /// Position the client has seen everything up to.
     pub since: Option<u64>,
+    /// The to-device cursor of the `since` token, if it has one.
+    pub to_device_cursor: Option<u64>,
     /// Send the full state of every room.
     pub full_state: bool,
     /// How long to wait for something new.
@@ -208,7 +221,17 @@ async fn build(
         }
     }
     devices_changed.retain(|changed_user| !devices_left.contains(changed_user));
-    let to_device = state.e2ee.to_device_events(user_id, &auth.device_id, since, position)?;
+    let (to_device, to_device_cursor) = state.e2ee.to_device_events(
+        user_id,
+        &auth.device_id,
+        since,
+        request.to_device_cursor,
+        position,
+    )?;
+    let next_batch = match to_device_cursor {
+        Some(cursor) => format!("{}_{cursor}", token(position)),
+        None => token(position),
+    };
     let one_time_keys_count = state.e2ee.one_time_key_counts(user_id, &auth.device_id)?;
     let unused_fallback_key_types =
         state.e2ee.unused_fallback_key_types(user_id, &auth.device_id)?;
@@ -221,7 +244,7 @@ async fn build(
         || !presence.is_empty()
         || !account_data.is_empty();
     let response = json!({
-        "next_batch": token(position),
+        "next_batch": next_batch,
         "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
         "presence": {"events": presence},
         "account_data": {"events": account_data},

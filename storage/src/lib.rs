@@ -64,6 +64,7 @@ pub const TABLES: &[&str] = &[
     "position_user_to_key_change",
     "user_device_position_to_to_device",
     "user_device_txn_to_to_device_txn",
+    "user_device_batch_to_to_device_cursor",
 ];
 
 /// Errors from the storage layer.

@@ -423,3 +423,34 @@ async fn cross_signing_keys_and_signatures_show_in_query() {
         json!(["user_signing"])
     );
 }
+
+#[tokio::test]
+async fn a_large_to_device_backlog_is_delivered_in_parts_each_acknowledged_separately() {
+    let server = TestServer::start().await;
+    let alice = server.register("alice").await;
+    let bob = server.register("bob").await;
+    let start = bob.sync(None, 0).await["next_batch"].as_str().expect("token").to_owned();
+    for n in 0..150 {
+        let messages = json!({bob.user_id.clone(): {bob.device_id.clone(): {"n": n}}});
+        send_to_device(&alice, &format!("t{n}"), messages).await;
+    }
+    let numbers = |sync: &Value| -> Vec<u64> {
+        to_device_events(sync).iter().filter_map(|event| event["content"]["n"].as_u64()).collect()
+    };
+    let first = bob.sync(Some(&start), 0).await;
+    assert_eq!(numbers(&first), (0..100).collect::<Vec<_>>());
+    // A retry of the same sync gets the same part.
+    let retry = bob.sync(Some(&start), 0).await;
+    assert_eq!(numbers(&retry), (0..100).collect::<Vec<_>>());
+    let middle = retry["next_batch"].as_str().expect("token").to_owned();
+    let second = bob.sync(Some(&middle), 0).await;
+    assert_eq!(numbers(&second), (100..150).collect::<Vec<_>>());
+    // The second part is delivered again until acknowledged, though no new position was made.
+    assert_eq!(numbers(&bob.sync(Some(&middle), 0).await), (100..150).collect::<Vec<_>>());
+    let end = second["next_batch"].as_str().expect("token").to_owned();
+    assert!(numbers(&bob.sync(Some(&end), 0).await).is_empty());
+    // keys/changes takes a sync token with a to-device cursor too.
+    assert_ok(
+        bob.client.get(&format!("/_matrix/client/v3/keys/changes?from={middle}&to={end}")).await,
+    );
+}
