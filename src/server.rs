@@ -12,6 +12,7 @@ use crate::{
     accounts::Accounts,
     api::{self, AppState, uia::UiaSessions},
     config::Config,
+    e2ee::E2ee,
     ephemeral::Ephemeral,
     notify::Notifier,
     rooms::Rooms,
@@ -77,6 +78,7 @@ impl Server {
         );
         let ephemeral = Ephemeral::new(db.clone(), notifier.clone());
         let account_data = AccountData::new(db.clone(), notifier.clone());
+        let e2ee = E2ee::new(db.clone(), notifier.clone());
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Listen { address: config.listen, source })?;
@@ -86,6 +88,7 @@ impl Server {
             rooms,
             ephemeral,
             account_data,
+            e2ee,
             uia: UiaSessions::default(),
             notifier,
             signing_key,

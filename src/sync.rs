@@ -29,9 +29,20 @@ pub fn token(position: u64) -> String {
     format!("s{position}")
 }
 
-/// Parses a token made by [`token`] (a bare number is accepted too).
+/// Parses a token made by [`token`] (a bare number is accepted too, and the to-device
+/// cursor of a sync token is ignored).
 pub fn parse_token(token: &str) -> Option<u64> {
-    token.strip_prefix('s').or_else(|| token.strip_prefix('t')).unwrap_or(token).parse().ok()
+    parse_sync_token(token).map(|(position, _)| position)
+}
+
+/// Parses a sync token: `s<position>`, or `s<position>_<cursor>` when that sync had to leave
+/// to-device messages for the next one (the cursor says which it delivered).
+pub fn parse_sync_token(token: &str) -> Option<(u64, Option<u64>)> {
+    let bare = token.strip_prefix('s').or_else(|| token.strip_prefix('t')).unwrap_or(token);
+    match bare.split_once('_') {
+        Some((position, cursor)) => Some((position.parse().ok()?, Some(cursor.parse().ok()?))),
+        None => Some((bare.parse().ok()?, None)),
+    }
 }
 
 /// What the client asked for.
@@ -40,6 +51,8 @@ pub struct SyncRequest {
     pub filter: Filter,
     /// Position the client has seen everything up to.
     pub since: Option<u64>,
+    /// The to-device cursor of the `since` token, if it has one.
+    pub to_device_cursor: Option<u64>,
     /// Send the full state of every room.
     pub full_state: bool,
     /// How long to wait for something new.
@@ -107,6 +120,11 @@ async fn build(
     let (global_data, mut room_data) = state.account_data.events_since(user_id, since)?;
 
     let mut presence_users: Vec<OwnedUserId> = vec![user_id.clone()];
+    // Device list tracking: users whose keys changed, or whom the user newly shares a room
+    // with, are `changed`; those the user no longer shares any room with are `left`.
+    // [Tracking the device list](https://spec.matrix.org/v1.16/client-server-api/#tracking-the-device-list-for-a-user)
+    let mut devices_changed: Vec<OwnedUserId> = Vec::new();
+    let mut devices_left: Vec<OwnedUserId> = Vec::new();
     for (room_id, record) in state.rooms.rooms_of_user(user_id)? {
         if !filter.room.allows_room(&room_id) || record.position > position {
             continue;
@@ -117,6 +135,24 @@ async fn build(
                 for member in state.rooms.joined_members(&room_id)? {
                     if !presence_users.contains(&member) {
                         presence_users.push(member);
+                    }
+                }
+                if let Some(since) = since {
+                    for (member, member_record) in state.rooms.members(&room_id)? {
+                        let joined = member_record.membership == "join";
+                        if member == *user_id || !newly && member_record.position <= since {
+                            continue;
+                        }
+                        if joined {
+                            if !devices_changed.contains(&member) {
+                                devices_changed.push(member);
+                            }
+                        } else if !newly
+                            && !state.rooms.share_a_room(user_id, &member)?
+                            && !devices_left.contains(&member)
+                        {
+                            devices_left.push(member);
+                        }
                     }
                 }
                 let room_since = if newly { None } else { since };
@@ -144,6 +180,15 @@ async fn build(
                             && (filter.room.include_leave
                                 || removed_by_other(state, user_id, &record)?)) =>
             {
+                if since.is_some() {
+                    for member in state.rooms.joined_members(&room_id)? {
+                        if !state.rooms.share_a_room(user_id, &member)?
+                            && !devices_left.contains(&member)
+                        {
+                            devices_left.push(member);
+                        }
+                    }
+                }
                 if let Some(room) = left_room(state, auth, request, &room_id, &record, since)? {
                     leave.insert(room_id.to_string(), room);
                 }
@@ -166,20 +211,47 @@ async fn build(
             filter.account_data.allows(event["type"].as_str().unwrap_or(""), user_id.as_str())
         })
         .collect();
+    if let Some(since) = since {
+        for changed_user in state.e2ee.changed_users(since, position)? {
+            if !devices_changed.contains(&changed_user)
+                && state.rooms.share_a_room(user_id, &changed_user)?
+            {
+                devices_changed.push(changed_user);
+            }
+        }
+    }
+    devices_changed.retain(|changed_user| !devices_left.contains(changed_user));
+    let (to_device, to_device_cursor) = state.e2ee.to_device_events(
+        user_id,
+        &auth.device_id,
+        since,
+        request.to_device_cursor,
+        position,
+    )?;
+    let next_batch = match to_device_cursor {
+        Some(cursor) => format!("{}_{cursor}", token(position)),
+        None => token(position),
+    };
+    let one_time_keys_count = state.e2ee.one_time_key_counts(user_id, &auth.device_id)?;
+    let unused_fallback_key_types =
+        state.e2ee.unused_fallback_key_types(user_id, &auth.device_id)?;
     let changed = !join.is_empty()
+        || !to_device.is_empty()
+        || !devices_changed.is_empty()
+        || !devices_left.is_empty()
         || !invite.is_empty()
         || !leave.is_empty()
         || !presence.is_empty()
         || !account_data.is_empty();
     let response = json!({
-        "next_batch": token(position),
+        "next_batch": next_batch,
         "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
         "presence": {"events": presence},
         "account_data": {"events": account_data},
-        "to_device": {"events": []},
-        "device_lists": {"changed": [], "left": []},
-        "device_one_time_keys_count": {},
-        "device_unused_fallback_key_types": [],
+        "to_device": {"events": to_device},
+        "device_lists": {"changed": devices_changed, "left": devices_left},
+        "device_one_time_keys_count": one_time_keys_count,
+        "device_unused_fallback_key_types": unused_fallback_key_types,
     });
     Ok((response, changed))
 }

@@ -197,6 +197,34 @@ impl From<crate::rooms::RoomError> for ApiError {
     }
 }
 
+impl From<crate::e2ee::E2eeError> for ApiError {
+    fn from(error: crate::e2ee::E2eeError) -> Self {
+        use crate::e2ee::E2eeError;
+        match error {
+            E2eeError::InvalidKeys(reason) => Self::invalid_param(reason),
+            E2eeError::InvalidSignature(reason) => {
+                Self::new(StatusCode::BAD_REQUEST, "M_INVALID_SIGNATURE", reason)
+            }
+            E2eeError::Storage(source) => Self::internal(source),
+        }
+    }
+}
+
+/// One entry of the `failures` of `keys/signatures/upload`: `errcode` and `error`.
+pub fn signature_failure(failure: crate::e2ee::SignatureFailure) -> Value {
+    use crate::e2ee::SignatureFailure;
+    let (errcode, error) = match failure {
+        SignatureFailure::MissingSignature => {
+            ("M_INVALID_SIGNATURE", "The object has no signature by the uploader")
+        }
+        SignatureFailure::InvalidSignature => {
+            ("M_INVALID_SIGNATURE", "The signature does not verify with a key of the uploader")
+        }
+        SignatureFailure::UnknownKey => ("M_NOT_FOUND", "Unknown device or key"),
+    };
+    json!({"errcode": errcode, "error": error})
+}
+
 /// An empty JSON object, the answer of many endpoints.
 pub fn empty_object() -> Json<Value> {
     Json(json!({}))

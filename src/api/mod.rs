@@ -21,8 +21,8 @@ use tower_http::{
 };
 
 use crate::{
-    account_data::AccountData, accounts::Accounts, config::Config, ephemeral::Ephemeral,
-    notify::Notifier, rooms::Rooms,
+    account_data::AccountData, accounts::Accounts, config::Config, e2ee::E2ee,
+    ephemeral::Ephemeral, notify::Notifier, rooms::Rooms,
 };
 
 /// The router state. Handlers take the components they use (`State<Rooms>`), not all of it.
@@ -38,6 +38,8 @@ pub struct AppState {
     pub ephemeral: Ephemeral,
     /// Account data.
     pub account_data: AccountData,
+    /// End-to-end encryption keys and to-device messages.
+    pub e2ee: E2ee,
     /// User-interactive auth sessions.
     pub uia: uia::UiaSessions,
     /// Wakes `/sync`.

@@ -57,6 +57,14 @@ pub const TABLES: &[&str] = &[
     "room_position_to_receipt",
     "user_id_to_presence",
     "event_relations",
+    "user_device_to_device_keys",
+    "user_device_algorithm_upload_to_one_time_key",
+    "user_device_algorithm_to_fallback_key",
+    "user_kind_to_cross_signing_key",
+    "position_user_to_key_change",
+    "user_device_position_to_to_device",
+    "user_device_txn_to_to_device_txn",
+    "user_device_batch_to_to_device_cursor",
 ];
 
 /// Errors from the storage layer.

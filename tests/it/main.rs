@@ -9,6 +9,7 @@ mod bad_input;
 mod basics;
 mod client_sdk;
 mod discovery;
+mod e2ee;
 mod profile;
 mod restart;
 mod rooms;

@@ -178,7 +178,15 @@ async fn change_password(
         .await?;
     state.accounts.set_password(&auth.user_id, &body.new_password).await?;
     if body.logout_devices {
+        let others: Vec<_> = state
+            .accounts
+            .devices(&auth.user_id)?
+            .into_iter()
+            .map(|device| device.device_id)
+            .filter(|device_id| *device_id != auth.device_id)
+            .collect();
         state.accounts.delete_all_devices(&auth.user_id, Some(auth.device_id.as_str()))?;
+        state.e2ee.delete_devices(&auth.user_id, &others)?;
     }
     Ok(Json(json!({})))
 }
@@ -219,7 +227,10 @@ async fn deactivate(
             tracing::warn!(%room_id, %error, "deactivated user could not leave room");
         }
     }
+    let devices: Vec<_> =
+        state.accounts.devices(&auth.user_id)?.into_iter().map(|device| device.device_id).collect();
     state.accounts.deactivate(&auth.user_id)?;
+    state.e2ee.delete_devices(&auth.user_id, &devices)?;
     tracing::info!(user_id = %auth.user_id, "account deactivated");
     Ok(Json(json!({"id_server_unbind_result": "no-support"})))
 }

@@ -92,6 +92,7 @@ async fn delete_device(
         .check(body.auth.as_ref(), &[&["m.login.password"]], password_stage(&state, &auth))
         .await?;
     state.accounts.delete_device(&auth.user_id, device_id)?;
+    state.e2ee.delete_devices(&auth.user_id, &[device_id.into()])?;
     Ok(Json(json!({})))
 }
 
@@ -111,11 +112,14 @@ async fn delete_devices(
         .uia
         .check(body.auth.as_ref(), &[&["m.login.password"]], password_stage(&state, &auth))
         .await?;
+    let mut deleted = Vec::new();
     for device_id in &body.devices {
         match state.accounts.delete_device(&auth.user_id, device_id) {
-            Ok(()) | Err(crate::accounts::AccountError::UnknownDevice) => {}
+            Ok(()) => deleted.push(device_id.as_str().into()),
+            Err(crate::accounts::AccountError::UnknownDevice) => {}
             Err(error) => return Err(error.into()),
         }
     }
+    state.e2ee.delete_devices(&auth.user_id, &deleted)?;
     Ok(Json(json!({})))
 }

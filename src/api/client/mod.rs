@@ -6,6 +6,7 @@ pub mod device;
 pub mod directory;
 pub mod discovery;
 pub mod ephemeral;
+pub mod keys;
 pub mod membership;
 pub mod message;
 pub mod profile;
@@ -13,6 +14,7 @@ pub mod push_rules;
 pub mod room;
 pub mod session;
 pub mod sync;
+pub mod to_device;
 pub mod user_directory;
 
 use axum::Router;
@@ -36,4 +38,6 @@ pub fn routes() -> Router<AppState> {
         .merge(directory::routes())
         .merge(user_directory::routes())
         .merge(push_rules::routes())
+        .merge(keys::routes())
+        .merge(to_device::routes())
 }

@@ -21,7 +21,7 @@ use crate::{
         extract::{Auth, Body, PathIds, Query},
     },
     filter::Filter,
-    sync::{SyncRequest, parse_token, sync},
+    sync::{SyncRequest, parse_sync_token, sync},
 };
 
 /// Routes of this module.
@@ -72,11 +72,13 @@ async fn sync_events(
     Query(query): Query<SyncQuery>,
 ) -> ApiResult {
     let filter = resolve_filter(&state, &auth, query.filter.as_deref())?;
-    let since = match query.since.as_deref() {
+    let (since, to_device_cursor) = match query.since.as_deref() {
         Some(since) => {
-            Some(parse_token(since).ok_or_else(|| ApiError::invalid_param("Invalid since token"))?)
+            let (position, cursor) = parse_sync_token(since)
+                .ok_or_else(|| ApiError::invalid_param("Invalid since token"))?;
+            (Some(position), cursor)
         }
-        None => None,
+        None => (None, None),
     };
     let timeout_ms: u64 = match query.timeout.as_deref() {
         Some(timeout) => timeout.parse().map_err(|_| ApiError::invalid_param("Invalid timeout"))?,
@@ -105,7 +107,8 @@ async fn sync_events(
         Some("true") => true,
         Some(_) => return Err(ApiError::invalid_param("use_state_after must be true or false")),
     };
-    let request = SyncRequest { filter, since, full_state, timeout, use_state_after };
+    let request =
+        SyncRequest { filter, since, to_device_cursor, full_state, timeout, use_state_after };
     let response = sync(&state, &auth, request).await?;
     Ok(Json(response))
 }

@@ -1,0 +1,66 @@
+//! Send-to-device messaging: `PUT /sendToDevice/{eventType}/{txnId}`, idempotent per sending
+//! device and transaction id. Delivery happens in `/sync` (`src/sync.rs`).
+//!
+//! [Send-to-device messaging](https://spec.matrix.org/v1.16/client-server-api/#send-to-device-messaging)
+
+use std::collections::BTreeMap;
+
+use axum::{Json, Router, extract::State, routing::put};
+use ruma::{OwnedDeviceId, OwnedUserId};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::{
+    api::{
+        AppState,
+        error::ApiResult,
+        extract::{Auth, Body, PathIds},
+    },
+    e2ee::ToDeviceDelivery,
+};
+
+/// Routes of this module.
+pub fn routes() -> Router<AppState> {
+    Router::new().route("/_matrix/client/v3/sendToDevice/{eventType}/{txnId}", put(send_to_device))
+}
+
+#[derive(Deserialize)]
+struct SendBody {
+    messages: BTreeMap<OwnedUserId, BTreeMap<String, Value>>,
+}
+
+/// `PUT /_matrix/client/v3/sendToDevice/{eventType}/{txnId}`
+async fn send_to_device(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<SendBody>,
+) -> ApiResult {
+    let kind = path.get("eventType")?;
+    let txn_id = path.get("txnId")?;
+    let mut deliveries = Vec::new();
+    for (user_id, devices) in body.messages {
+        if user_id.server_name() != state.accounts.server_name() {
+            tracing::warn!(%user_id, "to-device messages to remote users are not sent yet");
+            continue;
+        }
+        let existing: Vec<OwnedDeviceId> =
+            state.accounts.devices(&user_id)?.into_iter().map(|device| device.device_id).collect();
+        for (device, content) in devices {
+            let targets: Vec<OwnedDeviceId> = if device == "*" {
+                existing.clone()
+            } else {
+                existing.iter().filter(|known| known.as_str() == device).cloned().collect()
+            };
+            for device_id in targets {
+                deliveries.push(ToDeviceDelivery {
+                    user_id: user_id.clone(),
+                    device_id,
+                    content: content.clone(),
+                });
+            }
+        }
+    }
+    state.e2ee.send_to_device(&auth.user_id, &auth.device_id, txn_id, kind, &deliveries)?;
+    Ok(Json(json!({})))
+}
