@@ -52,14 +52,14 @@ enum Server {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Start this server on loopback, run against it, stop it.
-    #[arg(long, conflicts_with = "base_url")]
+    /// Start this server on loopback, run against it, stop it (wins over `--base-url`).
+    #[arg(long)]
     server: Option<Server>,
     /// Run against a server that is already running at this URL.
-    #[arg(long)]
+    #[arg(long, env = "CONFORMANCE_SERVER")]
     base_url: Option<String>,
     /// Register users through Synapse's shared-secret admin API with this secret.
-    #[arg(long, requires = "base_url")]
+    #[arg(long)]
     registration_secret: Option<String>,
     /// Run only the tests whose name contains this (or one of these, comma-separated).
     #[arg(long)]

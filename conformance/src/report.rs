@@ -210,7 +210,7 @@ pub(crate) fn write_docs(
     } else {
         writeln!(
             out,
-            "These tests check what Synapse does where it differs from the spec text quoted."
+            "Synapse differs from the spec text quoted here; these tests accept both answers."
         )?;
         writeln!(out)?;
         for (name, deviation) in deviations {
@@ -254,7 +254,7 @@ cargo run --release -p conformance --bin conformance -- --server hearth
 
 - `--server synapse` installs `matrix-synapse==1.163.2` into `$HOME/.cache/hearth-synapse-venv` when missing (needs `python3` and PyPI), writes a test configuration (SQLite, open registration, raised rate limits, no sync response cache) and starts it.
 - `--server hearth` runs `--hearth-bin PATH`, else `$HEARTH_BIN`, else builds `cargo build --release --bin hearth` in the workspace.
-- `--base-url URL [--registration-secret S]` runs against a server that is already running; users come from open registration (`m.login.dummy`), or from Synapse's shared-secret admin API when the secret is given.
+- `--base-url URL [--registration-secret S]` (or `CONFORMANCE_SERVER=URL`) runs against a server that is already running; users come from open registration (`m.login.dummy`), or from Synapse's shared-secret admin API when the secret is given.
 - `--filter SUBSTR` runs the tests whose name contains `SUBSTR` (for example `sync::`; several, comma-separated, run the union).
 - `--report PATH` writes the JSON report there (default `target/conformance-<server>.json`).
 - `--expected-failures PATH` lists tests that are known gaps of the server, one name per line with a `# reason`; they are reported as skipped. For `--server hearth`, `conformance/expected-failures/hearth.txt` is the default.
