@@ -75,7 +75,7 @@ fn free_port() -> Result<u16> {
 
 /// `$HOME/.cache`, where the virtualenv and builds are cached.
 #[allow(clippy::disallowed_methods, reason = "the launcher is where the environment is read")]
-fn cache_dir() -> Result<PathBuf> {
+pub(crate) fn cache_dir() -> Result<PathBuf> {
     let home = std::env::var("HOME").context("HOME is not set")?;
     Ok(PathBuf::from(home).join(".cache"))
 }

@@ -3,6 +3,7 @@
 //! report; `conformance docs` turns reports into `docs/conformance.md`.
 
 mod client;
+mod clients;
 mod launcher;
 mod report;
 mod runner;
@@ -30,18 +31,20 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Commands {
-    /// Writes docs/conformance.md from the JSON reports of a Hearth and a Synapse run.
+    /// Writes docs/conformance.md from the JSON reports of Hearth and Synapse runs.
     Docs {
-        /// Report of the Hearth run (shown as "not run" when absent).
+        /// Reports of Hearth runs, merged (shown as "not run" when absent); repeatable.
         #[arg(long)]
-        hearth: Option<PathBuf>,
-        /// Report of the Synapse run (shown as "not run" when absent).
+        hearth: Vec<PathBuf>,
+        /// Reports of Synapse runs, merged (shown as "not run" when absent); repeatable.
         #[arg(long)]
-        synapse: Option<PathBuf>,
+        synapse: Vec<PathBuf>,
         /// Where to write the page.
         #[arg(long)]
         output: Option<PathBuf>,
     },
+    /// Runs the matrix-js-sdk real-client scenario (Node 22) against the server.
+    ClientJs(RunArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -99,7 +102,8 @@ fn main() -> ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Some(Commands::Docs { hearth, synapse, output }) => docs(hearth, synapse, output),
-            None => run(cli.run).await,
+            Some(Commands::ClientJs(args)) => run(args, Suite::JsSdk).await,
+            None => run(cli.run, Suite::Conformance).await,
         }
     });
     match result {
@@ -112,13 +116,12 @@ fn main() -> ExitCode {
     }
 }
 
-fn docs(
-    hearth: Option<PathBuf>,
-    synapse: Option<PathBuf>,
-    output: Option<PathBuf>,
-) -> Result<bool> {
-    let hearth = hearth.map(|path| Report::read(&path)).transpose()?;
-    let synapse = synapse.map(|path| Report::read(&path)).transpose()?;
+fn docs(hearth: Vec<PathBuf>, synapse: Vec<PathBuf>, output: Option<PathBuf>) -> Result<bool> {
+    let read_all = |paths: Vec<PathBuf>| -> Result<Option<Report>> {
+        let reports = paths.iter().map(|path| Report::read(path)).collect::<Result<Vec<_>>>()?;
+        Ok(Report::merge(reports))
+    };
+    let (hearth, synapse) = (read_all(hearth)?, read_all(synapse)?);
     let output =
         output.unwrap_or_else(|| launcher::workspace_root().join("docs").join("conformance.md"));
     report::write_docs(hearth.as_ref(), synapse.as_ref(), &output)?;
@@ -126,9 +129,18 @@ fn docs(
     Ok(true)
 }
 
+/// What `run` runs against the server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Suite {
+    /// The Rust black-box tests of `src/tests/`.
+    Conformance,
+    /// The matrix-js-sdk scenario of `clients/js/`.
+    JsSdk,
+}
+
 /// Runs the suite; `Ok(false)` when a test failed.
-async fn run(args: RunArgs) -> Result<bool> {
-    let mut tests = tests::all();
+async fn run(args: RunArgs, suite: Suite) -> Result<bool> {
+    let mut tests = if suite == Suite::Conformance { tests::all() } else { Vec::new() };
     if let Some(filter) = &args.filter {
         let parts: Vec<&str> = filter.split(',').map(str::trim).collect();
         tests.retain(|test| parts.iter().any(|part| test.name.contains(part)));
@@ -170,7 +182,7 @@ async fn run(args: RunArgs) -> Result<bool> {
 
     // The server is stopped on every path out of here, Ctrl-C included.
     let outcome = tokio::select! {
-        outcome = run_against(&args, server_label, &base_url, registration, tests) => outcome,
+        outcome = run_against(&args, suite, server_label, &base_url, registration, tests) => outcome,
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     if let Some(launched) = launched {
@@ -181,6 +193,7 @@ async fn run(args: RunArgs) -> Result<bool> {
 
 async fn run_against(
     args: &RunArgs,
+    suite: Suite,
     server_label: &str,
     base_url: &str,
     registration: Registration,
@@ -208,20 +221,28 @@ async fn run_against(
             let version = resp.body.pointer("/server/version")?.as_str()?.to_owned();
             Some(format!("{name} {version}"))
         });
+    let what = match suite {
+        Suite::Conformance => format!("{} tests", tests.len()),
+        Suite::JsSdk => "the matrix-js-sdk scenario".to_owned(),
+    };
     println!(
-        "running {} tests against {server_label} at {base_url}{}",
-        tests.len(),
+        "running {what} against {server_label} at {base_url}{}",
         server_version.as_deref().map(|v| format!(" ({v})")).unwrap_or_default()
     );
     let started = Instant::now();
-    let results = runner::run(
-        ctx,
-        tests,
-        &expected_failures,
-        args.concurrency,
-        Duration::from_secs(args.timeout_secs),
-    )
-    .await;
+    let results = match suite {
+        Suite::Conformance => {
+            runner::run(
+                ctx,
+                tests,
+                &expected_failures,
+                args.concurrency,
+                Duration::from_secs(args.timeout_secs),
+            )
+            .await
+        }
+        Suite::JsSdk => clients::run_js_sdk(&ctx, &expected_failures).await?,
+    };
     let wall_time_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let report = Report::new(
         server_label,
@@ -232,7 +253,10 @@ async fn run_against(
         results,
     );
     let report_path = args.report.clone().unwrap_or_else(|| {
-        launcher::workspace_root().join("target").join(format!("conformance-{server_label}.json"))
+        let suffix = if suite == Suite::JsSdk { "-js-sdk" } else { "" };
+        launcher::workspace_root()
+            .join("target")
+            .join(format!("conformance-{server_label}{suffix}.json"))
     });
     report.write(&report_path).context("writing the report")?;
     println!("report: {} (wall time {:.1} s)", report_path.display(), wall_time_ms as f64 / 1000.0);

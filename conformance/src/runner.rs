@@ -88,41 +88,17 @@ pub(crate) async fn run(
                     Err(_) => Err(format!("timed out after {} s", timeout.as_secs())),
                 };
                 let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-                let known_gap = expected_failures.get(&test.name);
-                let (outcome, reason) = match (outcome, known_gap) {
-                    (Ok(()), None) => (Outcome::Pass, None),
-                    (Ok(()), Some(_)) => {
-                        println!(
-                            "NOTE {} passes now: remove it from the expected-failures list",
-                            test.name
-                        );
-                        (Outcome::Pass, None)
-                    }
-                    (Err(error), None) => (Outcome::Fail, Some(error)),
-                    (Err(error), Some(gap)) => (
-                        Outcome::Skip,
-                        Some(format!("known gap in this server: {gap} (error: {error})")),
-                    ),
-                };
-                let line = match (&outcome, &reason) {
-                    (Outcome::Pass, _) => format!("PASS {}", test.name),
-                    (Outcome::Fail, Some(reason)) => format!("FAIL {}: {reason}", test.name),
-                    (Outcome::Skip, Some(reason)) => format!("SKIP {}: {reason}", test.name),
-                    (_, None) => format!("{outcome:?} {}", test.name),
-                };
-                match test.deviation {
-                    Some(deviation) => println!("{line} [synapse-deviation: {deviation}]"),
-                    None => println!("{line}"),
-                }
-                TestResult {
-                    name: test.name.clone(),
-                    area: test.area().to_owned(),
-                    spec: test.spec.to_owned(),
+                record(
+                    Finished {
+                        name: test.name.clone(),
+                        area: test.area().to_owned(),
+                        spec: test.spec.to_owned(),
+                        deviation: test.deviation.map(str::to_owned),
+                        duration_ms,
+                    },
                     outcome,
-                    reason,
-                    deviation: test.deviation.map(str::to_owned),
-                    duration_ms,
-                }
+                    expected_failures,
+                )
             }
         })
         .buffer_unordered(concurrency.max(1))
@@ -131,6 +107,55 @@ pub(crate) async fn run(
     let mut results = results;
     results.sort_by(|a, b| a.name.cmp(&b.name));
     results
+}
+
+/// A test that has run, before its outcome is classified.
+pub(crate) struct Finished {
+    pub(crate) name: String,
+    pub(crate) area: String,
+    pub(crate) spec: String,
+    pub(crate) deviation: Option<String>,
+    pub(crate) duration_ms: u64,
+}
+
+/// Applies the expected-failures list to an outcome, prints the test's line, and returns its
+/// result for the report.
+pub(crate) fn record(
+    test: Finished,
+    outcome: Result<(), String>,
+    expected_failures: &BTreeMap<String, String>,
+) -> TestResult {
+    let known_gap = expected_failures.get(&test.name);
+    let (outcome, reason) = match (outcome, known_gap) {
+        (Ok(()), None) => (Outcome::Pass, None),
+        (Ok(()), Some(_)) => {
+            println!("NOTE {} passes now: remove it from the expected-failures list", test.name);
+            (Outcome::Pass, None)
+        }
+        (Err(error), None) => (Outcome::Fail, Some(error)),
+        (Err(error), Some(gap)) => {
+            (Outcome::Skip, Some(format!("known gap in this server: {gap} (error: {error})")))
+        }
+    };
+    let line = match (&outcome, &reason) {
+        (Outcome::Pass, _) => format!("PASS {}", test.name),
+        (Outcome::Fail, Some(reason)) => format!("FAIL {}: {reason}", test.name),
+        (Outcome::Skip, Some(reason)) => format!("SKIP {}: {reason}", test.name),
+        (_, None) => format!("{outcome:?} {}", test.name),
+    };
+    match &test.deviation {
+        Some(deviation) => println!("{line} [synapse-deviation: {deviation}]"),
+        None => println!("{line}"),
+    }
+    TestResult {
+        name: test.name,
+        area: test.area,
+        spec: test.spec,
+        outcome,
+        reason,
+        deviation: test.deviation,
+        duration_ms: test.duration_ms,
+    }
 }
 
 /// Prints the closing lines: deviations, then exactly `N passed, M failed, K skipped`.

@@ -1,0 +1,157 @@
+// The matrix-js-sdk scenario (the engine of Element Web) against a running homeserver.
+// Run by `conformance client-js`, which starts the server, installs Node 22 and matrix-js-sdk
+// into $HOME/.cache/hearth-js-client, registers two users and passes them as one JSON argument:
+//   node scenario.mjs '{"base_url": "...", "users": [{"user_id", "password"}, {...}]}'
+// Prints `PASS name`, `FAIL name: reason` or `SKIP name: reason` per step; later steps are
+// skipped once one fails, since each builds on the one before.
+
+import * as sdk from "matrix-js-sdk";
+
+const out = (line) => process.stdout.write(line + "\n");
+// The SDK logs through console and loglevel; keep stdout for results only.
+for (const name of ["log", "info", "debug", "warn", "trace"]) console[name] = () => {};
+try {
+  sdk.logger?.setLevel?.("error");
+} catch {}
+
+const input = JSON.parse(process.argv[2]);
+const baseUrl = input.base_url;
+const [aliceCreds, bobCreds] = input.users;
+const STEP_TIMEOUT_MS = 20000;
+
+/** Polls `check` until it returns a truthy value, or fails with `what` after the timeout. */
+async function waitFor(what, check, timeoutMs = STEP_TIMEOUT_MS) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await check();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+async function login(creds) {
+  const anonymous = sdk.createClient({ baseUrl });
+  const answer = await anonymous.loginRequest({
+    type: "m.login.password",
+    identifier: { type: "m.id.user", user: creds.user_id },
+    password: creds.password,
+    initial_device_display_name: "conformance js-sdk",
+  });
+  if (answer.user_id !== creds.user_id) throw new Error(`logged in as ${answer.user_id}`);
+  return sdk.createClient({
+    baseUrl,
+    accessToken: answer.access_token,
+    userId: answer.user_id,
+    deviceId: answer.device_id,
+  });
+}
+
+async function started(client) {
+  await client.startClient({ initialSyncLimit: 10 });
+  await waitFor("the first sync to finish", () => client.getSyncState() === "SYNCING" || client.getSyncState() === "PREPARED");
+}
+
+const timelineBodies = (client, roomId) =>
+  (client.getRoom(roomId)?.getLiveTimeline().getEvents() ?? [])
+    .filter((event) => event.getType() === "m.room.message")
+    .map((event) => event.getContent().body);
+
+const state = {};
+const steps = [
+  ["login_with_password", async () => {
+    state.alice = await login(aliceCreds);
+    state.bob = await login(bobCreds);
+  }],
+  ["sync_loop_starts", async () => {
+    await started(state.alice);
+    await started(state.bob);
+  }],
+  ["create_room", async () => {
+    const { room_id } = await state.alice.createRoom({ name: "js-sdk scenario", preset: "private_chat" });
+    state.roomId = room_id;
+    await waitFor("the room in alice's store", () => state.alice.getRoom(room_id));
+  }],
+  ["invite_reaches_invitee", async () => {
+    await state.alice.invite(state.roomId, bobCreds.user_id);
+    await waitFor("bob's invite", () => state.bob.getRoom(state.roomId)?.getMyMembership() === "invite");
+  }],
+  ["join_room", async () => {
+    await state.bob.joinRoom(state.roomId);
+    await waitFor("bob joined in alice's view", () =>
+      state.alice.getRoom(state.roomId)?.getMember(bobCreds.user_id)?.membership === "join");
+  }],
+  ["message_arrives_through_sync_loop", async () => {
+    await state.alice.sendTextMessage(state.roomId, "hello from alice");
+    await waitFor("alice's message at bob", () => timelineBodies(state.bob, state.roomId).includes("hello from alice"));
+  }],
+  ["reply_arrives_at_sender", async () => {
+    await state.bob.sendTextMessage(state.roomId, "hello from bob");
+    await waitFor("bob's reply at alice", () => timelineBodies(state.alice, state.roomId).includes("hello from bob"));
+  }],
+  ["paginate_history_back_to_creation", async () => {
+    for (let index = 0; index < 15; index++) {
+      await state.alice.sendTextMessage(state.roomId, `history ${index}`);
+    }
+    // A fresh client with a short initial timeline has to paginate to see the start.
+    const late = await login(bobCreds);
+    await late.startClient({ initialSyncLimit: 3 });
+    try {
+      await waitFor("the room in the late client", () => late.getRoom(state.roomId));
+      const room = late.getRoom(state.roomId);
+      await waitFor("history back to the create event", async () => {
+        const events = room.getLiveTimeline().getEvents();
+        if (events.some((event) => event.getType() === "m.room.create")) return true;
+        await late.scrollback(room, 10);
+        return false;
+      });
+      const bodies = timelineBodies(late, state.roomId);
+      if (!bodies.includes("hello from alice") || !bodies.includes("history 14")) {
+        throw new Error(`paginated timeline lacks messages: ${JSON.stringify(bodies)}`);
+      }
+    } finally {
+      late.stopClient();
+    }
+  }],
+  ["display_name_change_seen_by_other", async () => {
+    await state.alice.setDisplayName("Alice via js-sdk");
+    await waitFor("alice's new name at bob", () =>
+      state.bob.getRoom(state.roomId)?.getMember(aliceCreds.user_id)?.name === "Alice via js-sdk");
+  }],
+  ["typing_seen_by_other", async () => {
+    await state.alice.sendTyping(state.roomId, true, 30000);
+    await waitFor("alice typing at bob", () =>
+      state.bob.getRoom(state.roomId)?.getMember(aliceCreds.user_id)?.typing === true);
+    await state.alice.sendTyping(state.roomId, false, 0);
+    await waitFor("alice stopped typing at bob", () =>
+      state.bob.getRoom(state.roomId)?.getMember(aliceCreds.user_id)?.typing === false);
+  }],
+  ["leave_room", async () => {
+    await state.bob.leave(state.roomId);
+    await waitFor("bob's leave in alice's view", () =>
+      state.alice.getRoom(state.roomId)?.getMember(bobCreds.user_id)?.membership === "leave");
+  }],
+];
+
+let failed = null;
+for (const [name, run] of steps) {
+  const full = `js_sdk::${name}`;
+  if (failed) {
+    out(`SKIP ${full}: an earlier step failed (${failed})`);
+    continue;
+  }
+  try {
+    await Promise.race([
+      run(),
+      new Promise((_, reject) => setTimeout(() => reject(new Error("step timed out after 60 s")), 60000)),
+    ]);
+    out(`PASS ${full}`);
+  } catch (error) {
+    const reason = String(error?.message ?? error).replace(/\s+/g, " ");
+    out(`FAIL ${full}: ${reason}`);
+    failed = name;
+  }
+}
+state.alice?.stopClient();
+state.bob?.stopClient();
+process.exit(0);
