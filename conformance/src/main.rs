@@ -2,11 +2,16 @@
 //! runs the client-server API tests against it, prints one line per test and writes a JSON
 //! report; `conformance docs` turns reports into `docs/conformance.md`.
 
+// matrix-sdk's crypto types are deeply nested; proving its sync future `Send` needs more
+// than the default 128 levels.
+#![recursion_limit = "256"]
+
 mod client;
 mod clients;
 mod launcher;
 mod report;
 mod runner;
+mod rust_sdk;
 mod tests;
 
 use std::path::PathBuf;
@@ -45,6 +50,8 @@ enum Commands {
     },
     /// Runs the matrix-js-sdk real-client scenario (Node 22) against the server.
     ClientJs(RunArgs),
+    /// Runs the matrix-sdk (Rust) real-client scenario against the server.
+    ClientRust(RunArgs),
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -103,6 +110,7 @@ fn main() -> ExitCode {
         match cli.command {
             Some(Commands::Docs { hearth, synapse, output }) => docs(hearth, synapse, output),
             Some(Commands::ClientJs(args)) => run(args, Suite::JsSdk).await,
+            Some(Commands::ClientRust(args)) => run(args, Suite::RustSdk).await,
             None => run(cli.run, Suite::Conformance).await,
         }
     });
@@ -136,6 +144,8 @@ enum Suite {
     Conformance,
     /// The matrix-js-sdk scenario of `clients/js/`.
     JsSdk,
+    /// The matrix-sdk scenario of `src/rust_sdk.rs`.
+    RustSdk,
 }
 
 /// Runs the suite; `Ok(false)` when a test failed.
@@ -224,6 +234,7 @@ async fn run_against(
     let what = match suite {
         Suite::Conformance => format!("{} tests", tests.len()),
         Suite::JsSdk => "the matrix-js-sdk scenario".to_owned(),
+        Suite::RustSdk => "the matrix-sdk scenario".to_owned(),
     };
     println!(
         "running {what} against {server_label} at {base_url}{}",
@@ -242,6 +253,7 @@ async fn run_against(
             .await
         }
         Suite::JsSdk => clients::run_js_sdk(&ctx, &expected_failures).await?,
+        Suite::RustSdk => rust_sdk::run_rust_sdk(&ctx, &expected_failures).await?,
     };
     let wall_time_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     let report = Report::new(
@@ -253,7 +265,11 @@ async fn run_against(
         results,
     );
     let report_path = args.report.clone().unwrap_or_else(|| {
-        let suffix = if suite == Suite::JsSdk { "-js-sdk" } else { "" };
+        let suffix = match suite {
+            Suite::Conformance => "",
+            Suite::JsSdk => "-js-sdk",
+            Suite::RustSdk => "-rust-sdk",
+        };
         launcher::workspace_root()
             .join("target")
             .join(format!("conformance-{server_label}{suffix}.json"))

@@ -1,6 +1,10 @@
 //! Integration tests: the real server on `127.0.0.1:0` with a fresh RocksDB in a temp dir,
 //! spoken to over HTTP. One test binary for the crate so linking stays fast.
 
+// matrix-sdk's crypto types are deeply nested; proving its sync future `Send` needs more
+// than the default 128 levels.
+#![recursion_limit = "256"]
+
 mod harness;
 
 mod accounts;
