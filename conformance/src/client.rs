@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 /// How the suite gets new accounts on the server under test.
 #[derive(Clone, Debug)]
-pub(crate) enum Registration {
+pub enum Registration {
     /// `POST /register` with the `m.login.dummy` stage (open registration).
     Open,
     /// Synapse's shared-secret admin API, `/_synapse/admin/v1/register`.
@@ -22,7 +22,7 @@ pub(crate) enum Registration {
 
 /// What every test gets: where the server is, how to make users, and a client.
 #[derive(Clone)]
-pub(crate) struct Ctx {
+pub struct Ctx {
     inner: Arc<CtxInner>,
 }
 
@@ -37,16 +37,16 @@ struct CtxInner {
 
 /// A response: status and body, the body parsed as JSON when it is JSON (else `Null`).
 #[derive(Clone, Debug)]
-pub(crate) struct Resp {
-    pub(crate) status: u16,
-    pub(crate) body: Value,
-    pub(crate) headers: reqwest::header::HeaderMap,
-    pub(crate) what: String,
+pub struct Resp {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+    pub what: String,
 }
 
 impl Resp {
     /// Fails unless the status is 200, returning the body.
-    pub(crate) fn ok(self) -> Result<Value> {
+    pub fn ok(self) -> Result<Value> {
         if self.status != 200 {
             bail!("{}: expected 200, got {} {}", self.what, self.status, short(&self.body));
         }
@@ -54,7 +54,7 @@ impl Resp {
     }
 
     /// Fails unless the status and `errcode` are the given ones.
-    pub(crate) fn err(self, status: u16, errcode: &str) -> Result<Value> {
+    pub fn err(self, status: u16, errcode: &str) -> Result<Value> {
         let got = self.body.get("errcode").and_then(Value::as_str).unwrap_or("<none>");
         if self.status != status || got != errcode {
             bail!(
@@ -68,7 +68,7 @@ impl Resp {
     }
 
     /// Fails unless the status is the given one and the body carries one of the `errcodes`.
-    pub(crate) fn err_any(self, status: u16, errcodes: &[&str]) -> Result<Value> {
+    pub fn err_any(self, status: u16, errcodes: &[&str]) -> Result<Value> {
         let got = self.body.get("errcode").and_then(Value::as_str).unwrap_or("<none>");
         if self.status != status || !errcodes.contains(&got) {
             bail!(
@@ -82,7 +82,7 @@ impl Resp {
     }
 
     /// Fails unless the status is the given one.
-    pub(crate) fn status(self, status: u16) -> Result<Value> {
+    pub fn status(self, status: u16) -> Result<Value> {
         if self.status != status {
             bail!("{}: expected {status}, got {} {}", self.what, self.status, short(&self.body));
         }
@@ -91,7 +91,7 @@ impl Resp {
 }
 
 /// A JSON value shortened for error messages.
-pub(crate) fn short(value: &Value) -> String {
+pub fn short(value: &Value) -> String {
     let mut text = value.to_string();
     if text.len() > 300 {
         let mut cut = 300;
@@ -105,7 +105,7 @@ pub(crate) fn short(value: &Value) -> String {
 }
 
 /// Percent-encodes one path segment or query value (everything but RFC 3986 unreserved).
-pub(crate) fn enc(segment: &str) -> String {
+pub fn enc(segment: &str) -> String {
     let mut out = String::with_capacity(segment.len());
     for byte in segment.bytes() {
         if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
@@ -118,14 +118,14 @@ pub(crate) fn enc(segment: &str) -> String {
 }
 
 /// A request body: JSON, raw bytes (for malformed input), or none.
-pub(crate) enum Body {
+pub enum Body {
     None,
     Json(Value),
     Raw(Vec<u8>),
 }
 
 impl Ctx {
-    pub(crate) fn new(base_url: &str, registration: Registration) -> Result<Self> {
+    pub fn new(base_url: &str, registration: Registration) -> Result<Self> {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(60))
             .build()
@@ -145,18 +145,18 @@ impl Ctx {
         })
     }
 
-    pub(crate) fn base_url(&self) -> &str {
+    pub fn base_url(&self) -> &str {
         &self.inner.base_url
     }
 
     /// A name no other test of any run uses, for users, aliases and transaction ids.
-    pub(crate) fn unique(&self, stem: &str) -> String {
+    pub fn unique(&self, stem: &str) -> String {
         let n = self.inner.counter.fetch_add(1, Ordering::Relaxed);
         format!("{stem}{}{n}", self.inner.run_prefix)
     }
 
     /// Sends a request; `token` is the access token, if any.
-    pub(crate) async fn request(
+    pub async fn request(
         &self,
         method: Method,
         path: &str,
@@ -183,17 +183,17 @@ impl Ctx {
     }
 
     /// An unauthenticated GET.
-    pub(crate) async fn get(&self, path: &str) -> Result<Resp> {
+    pub async fn get(&self, path: &str) -> Result<Resp> {
         self.request(Method::GET, path, None, Body::None).await
     }
 
     /// An unauthenticated POST with a JSON body.
-    pub(crate) async fn post(&self, path: &str, body: Value) -> Result<Resp> {
+    pub async fn post(&self, path: &str, body: Value) -> Result<Resp> {
         self.request(Method::POST, path, None, Body::Json(body)).await
     }
 
     /// Registers a fresh user whose localpart starts with `stem`.
-    pub(crate) async fn user_named(&self, stem: &str) -> Result<User> {
+    pub async fn user_named(&self, stem: &str) -> Result<User> {
         let localpart = self.unique(stem);
         let password = format!("pw-{localpart}-secret");
         let body = match &self.inner.registration {
@@ -219,12 +219,12 @@ impl Ctx {
     }
 
     /// Registers a fresh user.
-    pub(crate) async fn user(&self) -> Result<User> {
+    pub async fn user(&self) -> Result<User> {
         self.user_named("u").await
     }
 
     /// Runs the user-interactive auth round trip of open registration with `m.login.dummy`.
-    pub(crate) async fn register_open(&self, localpart: &str, password: &str) -> Result<Value> {
+    pub async fn register_open(&self, localpart: &str, password: &str) -> Result<Value> {
         let path = "/_matrix/client/v3/register";
         let first = self.post(path, json!({"username": localpart, "password": password})).await?;
         let session = match first.status {
@@ -278,7 +278,7 @@ impl Ctx {
     }
 
     /// Logs in with a password, returning the whole answer.
-    pub(crate) async fn login(&self, user_id: &str, password: &str) -> Result<Value> {
+    pub async fn login(&self, user_id: &str, password: &str) -> Result<Value> {
         self.post(
             "/_matrix/client/v3/login",
             json!({
@@ -294,48 +294,48 @@ impl Ctx {
 
 /// A registered user with an access token.
 #[derive(Clone)]
-pub(crate) struct User {
-    pub(crate) ctx: Ctx,
-    pub(crate) user_id: String,
-    pub(crate) access_token: String,
-    pub(crate) device_id: String,
-    pub(crate) localpart: String,
-    pub(crate) password: String,
+pub struct User {
+    pub ctx: Ctx,
+    pub user_id: String,
+    pub access_token: String,
+    pub device_id: String,
+    pub localpart: String,
+    pub password: String,
 }
 
 /// Path of a client-server endpoint under `/_matrix/client/v3`.
-pub(crate) fn v3(rest: &str) -> String {
+pub fn v3(rest: &str) -> String {
     format!("/_matrix/client/v3{rest}")
 }
 
 /// Path of a room endpoint: `/_matrix/client/v3/rooms/{room_id}{rest}`.
-pub(crate) fn room_path(room_id: &str, rest: &str) -> String {
+pub fn room_path(room_id: &str, rest: &str) -> String {
     format!("/_matrix/client/v3/rooms/{}{rest}", enc(room_id))
 }
 
 impl User {
-    pub(crate) async fn request(&self, method: Method, path: &str, body: Body) -> Result<Resp> {
+    pub async fn request(&self, method: Method, path: &str, body: Body) -> Result<Resp> {
         self.ctx.request(method, path, Some(&self.access_token), body).await
     }
 
-    pub(crate) async fn get(&self, path: &str) -> Result<Resp> {
+    pub async fn get(&self, path: &str) -> Result<Resp> {
         self.request(Method::GET, path, Body::None).await
     }
 
-    pub(crate) async fn put(&self, path: &str, body: Value) -> Result<Resp> {
+    pub async fn put(&self, path: &str, body: Value) -> Result<Resp> {
         self.request(Method::PUT, path, Body::Json(body)).await
     }
 
-    pub(crate) async fn post(&self, path: &str, body: Value) -> Result<Resp> {
+    pub async fn post(&self, path: &str, body: Value) -> Result<Resp> {
         self.request(Method::POST, path, Body::Json(body)).await
     }
 
-    pub(crate) async fn delete(&self, path: &str) -> Result<Resp> {
+    pub async fn delete(&self, path: &str) -> Result<Resp> {
         self.request(Method::DELETE, path, Body::None).await
     }
 
     /// A user with the same account but its own fresh device (a second login).
-    pub(crate) async fn second_device(&self) -> Result<User> {
+    pub async fn second_device(&self) -> Result<User> {
         let body = self.ctx.login(&self.user_id, &self.password).await?;
         let mut other = self.clone();
         other.access_token = str_field(&body, "access_token")?.to_owned();
@@ -344,45 +344,40 @@ impl User {
     }
 
     /// `POST /createRoom`, returning the room id.
-    pub(crate) async fn create_room(&self, body: Value) -> Result<String> {
+    pub async fn create_room(&self, body: Value) -> Result<String> {
         let answer = self.post(&v3("/createRoom"), body).await?.ok()?;
         Ok(str_field(&answer, "room_id")?.to_owned())
     }
 
     /// A private room with default settings.
-    pub(crate) async fn create_private_room(&self) -> Result<String> {
+    pub async fn create_private_room(&self) -> Result<String> {
         self.create_room(json!({"preset": "private_chat"})).await
     }
 
     /// A public room anyone on the server may join.
-    pub(crate) async fn create_public_room(&self) -> Result<String> {
+    pub async fn create_public_room(&self) -> Result<String> {
         self.create_room(json!({"preset": "public_chat"})).await
     }
 
     /// Joins by room id or alias, returning the room id the server answered.
-    pub(crate) async fn join(&self, room_id_or_alias: &str) -> Result<String> {
+    pub async fn join(&self, room_id_or_alias: &str) -> Result<String> {
         let answer =
             self.post(&v3(&format!("/join/{}", enc(room_id_or_alias))), json!({})).await?.ok()?;
         Ok(str_field(&answer, "room_id")?.to_owned())
     }
 
-    pub(crate) async fn invite(&self, room_id: &str, user_id: &str) -> Result<()> {
+    pub async fn invite(&self, room_id: &str, user_id: &str) -> Result<()> {
         self.post(&room_path(room_id, "/invite"), json!({"user_id": user_id})).await?.ok()?;
         Ok(())
     }
 
-    pub(crate) async fn leave(&self, room_id: &str) -> Result<()> {
+    pub async fn leave(&self, room_id: &str) -> Result<()> {
         self.post(&room_path(room_id, "/leave"), json!({})).await?.ok()?;
         Ok(())
     }
 
     /// Sends an event with a fresh transaction id, returning the event id.
-    pub(crate) async fn send(
-        &self,
-        room_id: &str,
-        event_type: &str,
-        content: Value,
-    ) -> Result<String> {
+    pub async fn send(&self, room_id: &str, event_type: &str, content: Value) -> Result<String> {
         let txn = self.ctx.unique("txn");
         let answer = self
             .put(&room_path(room_id, &format!("/send/{}/{}", enc(event_type), enc(&txn))), content)
@@ -392,12 +387,12 @@ impl User {
     }
 
     /// Sends an `m.text` message, returning the event id.
-    pub(crate) async fn send_text(&self, room_id: &str, body: &str) -> Result<String> {
+    pub async fn send_text(&self, room_id: &str, body: &str) -> Result<String> {
         self.send(room_id, "m.room.message", json!({"msgtype": "m.text", "body": body})).await
     }
 
     /// Sets a state event, returning the event id.
-    pub(crate) async fn put_state(
+    pub async fn put_state(
         &self,
         room_id: &str,
         event_type: &str,
@@ -409,7 +404,7 @@ impl User {
     }
 
     /// Reads a state event's content.
-    pub(crate) async fn get_state(
+    pub async fn get_state(
         &self,
         room_id: &str,
         event_type: &str,
@@ -419,19 +414,19 @@ impl User {
     }
 
     /// One `/sync` call with the given query string (without `?`).
-    pub(crate) async fn sync(&self, query: &str) -> Result<Value> {
+    pub async fn sync(&self, query: &str) -> Result<Value> {
         let path = if query.is_empty() { v3("/sync") } else { format!("{}?{query}", v3("/sync")) };
         self.get(&path).await?.ok()
     }
 
     /// An initial sync with no timeout, returning the body.
-    pub(crate) async fn initial_sync(&self) -> Result<Value> {
+    pub async fn initial_sync(&self) -> Result<Value> {
         self.sync("timeout=0").await
     }
 
     /// Syncs (from an initial sync, then incrementally) until `found` picks something out of a
     /// sync answer, or the deadline passes. `extra` is added to each query (e.g. a filter).
-    pub(crate) async fn sync_until<T>(
+    pub async fn sync_until<T>(
         &self,
         extra: &str,
         what: &str,
@@ -460,7 +455,7 @@ impl User {
     }
 
     /// Waits until this user's sync shows an event of the room's timeline that `matches`.
-    pub(crate) async fn sync_until_timeline_event(
+    pub async fn sync_until_timeline_event(
         &self,
         room_id: &str,
         what: &str,
@@ -473,7 +468,7 @@ impl User {
     }
 
     /// Waits until this user's sync shows the event with this id in the room's timeline.
-    pub(crate) async fn sync_until_event_id(&self, room_id: &str, event_id: &str) -> Result<Value> {
+    pub async fn sync_until_event_id(&self, room_id: &str, event_id: &str) -> Result<Value> {
         self.sync_until_timeline_event(room_id, event_id, |event| {
             event.get("event_id").and_then(Value::as_str) == Some(event_id)
         })
@@ -482,12 +477,12 @@ impl User {
 }
 
 /// `/rooms/{room_id}/state/{event_type}/{state_key}`.
-pub(crate) fn state_path(room_id: &str, event_type: &str, state_key: &str) -> String {
+pub fn state_path(room_id: &str, event_type: &str, state_key: &str) -> String {
     room_path(room_id, &format!("/state/{}/{}", enc(event_type), enc(state_key)))
 }
 
 /// A string field of a JSON object, or an error naming it.
-pub(crate) fn str_field<'a>(value: &'a Value, name: &str) -> Result<&'a str> {
+pub fn str_field<'a>(value: &'a Value, name: &str) -> Result<&'a str> {
     value
         .get(name)
         .and_then(Value::as_str)
@@ -495,32 +490,32 @@ pub(crate) fn str_field<'a>(value: &'a Value, name: &str) -> Result<&'a str> {
 }
 
 /// An array at a JSON pointer, or an empty slice.
-pub(crate) fn array<'a>(value: &'a Value, pointer: &str) -> &'a [Value] {
+pub fn array<'a>(value: &'a Value, pointer: &str) -> &'a [Value] {
     value.pointer(pointer).and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[])
 }
 
 /// Escapes a room id for use in a JSON pointer (`~` and `/` are special there).
-pub(crate) fn pointer_key(key: &str) -> String {
+pub fn pointer_key(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
 }
 
 /// The timeline events of a joined room in a sync answer.
-pub(crate) fn timeline<'a>(sync: &'a Value, room_id: &str) -> Vec<&'a Value> {
+pub fn timeline<'a>(sync: &'a Value, room_id: &str) -> Vec<&'a Value> {
     array(sync, &format!("/rooms/join/{}/timeline/events", pointer_key(room_id))).iter().collect()
 }
 
 /// The joined room section of a sync answer, if present.
-pub(crate) fn joined_room<'a>(sync: &'a Value, room_id: &str) -> Option<&'a Value> {
+pub fn joined_room<'a>(sync: &'a Value, room_id: &str) -> Option<&'a Value> {
     sync.pointer(&format!("/rooms/join/{}", pointer_key(room_id)))
 }
 
 /// Whether an event (in sync or `/messages` form) has this type.
-pub(crate) fn is_type(event: &Value, event_type: &str) -> bool {
+pub fn is_type(event: &Value, event_type: &str) -> bool {
     event.get("type").and_then(Value::as_str) == Some(event_type)
 }
 
 /// The `body` of each `m.room.message` in a list of events.
-pub(crate) fn bodies(events: &[Value]) -> Vec<String> {
+pub fn bodies(events: &[Value]) -> Vec<String> {
     events
         .iter()
         .filter(|event| is_type(event, "m.room.message"))
@@ -532,7 +527,7 @@ pub(crate) fn bodies(events: &[Value]) -> Vec<String> {
 
 /// Polls `check` until it returns `Some`, for behaviour the server applies in the background
 /// (user directory indexing, for instance), with a short pause between rounds and a deadline.
-pub(crate) async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>>>,

@@ -15,23 +15,75 @@ use tokio::process::{Child, Command};
 use crate::client::Registration;
 
 /// The Synapse release the suite is checked against.
-pub(crate) const SYNAPSE_VERSION: &str = "1.163.2";
+pub const SYNAPSE_VERSION: &str = "1.163.2";
 
 /// A server process the suite started; it is killed when this is dropped.
-pub(crate) struct Launched {
+pub struct Launched {
     child: Child,
-    pub(crate) base_url: String,
-    pub(crate) registration: Registration,
+    pub base_url: String,
+    pub registration: Registration,
     log_path: PathBuf,
+    /// How to start the process again on the same data (see [`Launched::restart`]).
+    spawn: Spawn,
+    /// From spawning the process to its first answer on `/_matrix/client/versions`.
+    pub startup: Duration,
+    /// Where the server keeps its database (for disk-use figures).
+    pub database_dir: PathBuf,
     /// Holds the data directory until the server is gone.
     _data_dir: tempfile::TempDir,
 }
 
+/// The command line, environment and output file of a server process.
+#[derive(Clone)]
+struct Spawn {
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    env: Vec<(String, std::ffi::OsString)>,
+    current_dir: Option<PathBuf>,
+    output: PathBuf,
+}
+
+impl Spawn {
+    fn spawn(&self) -> Result<Child> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.output)?;
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .envs(self.env.iter().map(|(key, value)| (key, value)))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .kill_on_drop(true);
+        if let Some(dir) = &self.current_dir {
+            command.current_dir(dir);
+        }
+        command.spawn().with_context(|| format!("starting {}", self.program.display()))
+    }
+}
+
 impl Launched {
     /// Stops the server and waits for it to exit.
-    pub(crate) async fn stop(mut self) {
+    pub async fn stop(mut self) {
         // An error here means it already exited, which is what we want.
         let _ = self.child.kill().await;
+    }
+
+    /// The server's process id (for memory figures).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    /// Stops the server gracefully (SIGTERM, then SIGKILL after 30 s) and starts it again on
+    /// the same data, measuring the new start-up time.
+    pub async fn restart(&mut self) -> Result<()> {
+        if let Some(pid) = self.child.id() {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+        if tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+        self.child = self.spawn.spawn()?;
+        self.wait_until_ready(Duration::from_secs(90)).await
     }
 
     /// The last lines of the server's log, to explain a failed start.
@@ -43,6 +95,7 @@ impl Launched {
 
     /// Waits until `GET /_matrix/client/versions` answers 200, or the process exits.
     async fn wait_until_ready(&mut self, limit: Duration) -> Result<()> {
+        let started = Instant::now();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build()?;
         let url = format!("{}/_matrix/client/versions", self.base_url);
         let deadline = Instant::now() + limit;
@@ -53,6 +106,7 @@ impl Launched {
             if let Ok(response) = http.get(&url).send().await
                 && response.status().is_success()
             {
+                self.startup = started.elapsed();
                 return Ok(());
             }
             if Instant::now() > deadline {
@@ -62,7 +116,7 @@ impl Launched {
                     self.log_tail()
                 );
             }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }
@@ -75,7 +129,7 @@ fn free_port() -> Result<u16> {
 
 /// `$HOME/.cache`, where the virtualenv and builds are cached.
 #[allow(clippy::disallowed_methods, reason = "the launcher is where the environment is read")]
-pub(crate) fn cache_dir() -> Result<PathBuf> {
+pub fn cache_dir() -> Result<PathBuf> {
     let home = std::env::var("HOME").context("HOME is not set")?;
     Ok(PathBuf::from(home).join(".cache"))
 }
@@ -170,7 +224,7 @@ fn rate_limits() -> serde_json::Value {
 }
 
 /// Starts Synapse with a fresh SQLite database on a random loopback port.
-pub(crate) async fn start_synapse() -> Result<Launched> {
+pub async fn start_synapse() -> Result<Launched> {
     let venv = ensure_synapse_venv().await?;
     let python = venv.join("bin").join("python");
     let data_dir = tempfile::Builder::new().prefix("conformance-synapse-").tempdir()?;
@@ -228,24 +282,29 @@ pub(crate) async fn start_synapse() -> Result<Launched> {
     std::fs::write(&overrides_path, serde_json::to_string_pretty(&overrides)?)?;
 
     let log_path = dir.join("stdout.log");
-    let log = std::fs::File::create(&log_path)?;
-    let child = Command::new(&python)
-        .args(["-m", "synapse.app.homeserver", "--config-path"])
-        .arg(&config_path)
-        .arg("--config-path")
-        .arg(&overrides_path)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting Synapse")?;
+    let spawn = Spawn {
+        program: python,
+        args: vec![
+            "-m".into(),
+            "synapse.app.homeserver".into(),
+            "--config-path".into(),
+            config_path.into_os_string(),
+            "--config-path".into(),
+            overrides_path.into_os_string(),
+        ],
+        env: Vec::new(),
+        current_dir: Some(dir.to_path_buf()),
+        output: log_path.clone(),
+    };
+    let child = spawn.spawn().context("starting Synapse")?;
     let mut launched = Launched {
         child,
         base_url: format!("http://127.0.0.1:{port}"),
         registration: Registration::Open,
         log_path: dir.join("homeserver.log"),
+        spawn,
+        startup: Duration::ZERO,
+        database_dir: dir.to_path_buf(),
         _data_dir: data_dir,
     };
     if let Err(error) = launched.wait_until_ready(Duration::from_secs(90)).await {
@@ -257,7 +316,7 @@ pub(crate) async fn start_synapse() -> Result<Launched> {
 }
 
 /// Finds or builds the Hearth binary.
-pub(crate) async fn hearth_binary(
+pub async fn hearth_binary(
     explicit: Option<PathBuf>,
     cargo_target_dir: Option<PathBuf>,
 ) -> Result<PathBuf> {
@@ -281,36 +340,39 @@ pub(crate) async fn hearth_binary(
 }
 
 /// The workspace root: the directory above this crate's manifest.
-pub(crate) fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
 /// Starts Hearth with open registration, a fresh data directory and a random port.
-pub(crate) async fn start_hearth(binary: &Path) -> Result<Launched> {
+pub async fn start_hearth(binary: &Path) -> Result<Launched> {
     let data_dir = tempfile::Builder::new().prefix("conformance-hearth-").tempdir()?;
     let port = free_port()?;
     let log_path = data_dir.path().join("hearth.log");
     // The data directory proper is a fresh, empty subdirectory, apart from the log.
     std::fs::create_dir(data_dir.path().join("data"))?;
-    let log = std::fs::File::create(&log_path)?;
-    let child = Command::new(binary)
-        .arg("serve")
-        .env("HEARTH_LISTEN", format!("127.0.0.1:{port}"))
-        .env("HEARTH_DATA_DIR", data_dir.path().join("data"))
-        .env("HEARTH_SERVER_NAME", format!("localhost:{port}"))
-        .env("HEARTH_REGISTRATION", "open")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
+    let spawn = Spawn {
+        program: binary.to_path_buf(),
+        args: vec!["serve".into()],
+        env: vec![
+            ("HEARTH_LISTEN".to_owned(), format!("127.0.0.1:{port}").into()),
+            ("HEARTH_DATA_DIR".to_owned(), data_dir.path().join("data").into_os_string()),
+            ("HEARTH_SERVER_NAME".to_owned(), format!("localhost:{port}").into()),
+            ("HEARTH_REGISTRATION".to_owned(), "open".into()),
+        ],
+        current_dir: None,
+        output: log_path.clone(),
+    };
+    let child = spawn.spawn()?;
     let mut launched = Launched {
         child,
         base_url: format!("http://127.0.0.1:{port}"),
         registration: Registration::Open,
         log_path,
+        spawn,
+        startup: Duration::ZERO,
+        database_dir: data_dir.path().join("data"),
         _data_dir: data_dir,
     };
     if let Err(error) = launched.wait_until_ready(Duration::from_secs(60)).await {

@@ -6,9 +6,9 @@
 // than the default 128 levels.
 #![recursion_limit = "256"]
 
-mod client;
+use conformance::{client, launcher};
+
 mod clients;
-mod launcher;
 mod report;
 mod runner;
 mod rust_sdk;
