@@ -90,6 +90,50 @@ pub struct Accounts {
     server_name: OwnedServerName,
     /// Serializes the final check-and-write of new accounts.
     create_lock: std::sync::Arc<std::sync::Mutex<()>>,
+    /// Where passwords are hashed and checked.
+    password_thread: PasswordThread,
+}
+
+/// A job for the password thread.
+type PasswordJob = Box<dyn FnOnce() + Send>;
+
+/// One dedicated thread for argon2. Each hash needs a 19 MiB block of memory; the C allocator
+/// keeps such a block in the arena of whichever thread freed it, so hashing on the runtime's
+/// blocking pool would leave up to one block per pool thread resident for good. On one thread
+/// the block is allocated once and reused.
+#[derive(Clone)]
+struct PasswordThread {
+    jobs: std::sync::mpsc::Sender<PasswordJob>,
+}
+
+impl PasswordThread {
+    fn start() -> Self {
+        let (jobs, queue) = std::sync::mpsc::channel::<PasswordJob>();
+        // The thread ends when the last `Accounts` (and so the last sender) is dropped.
+        let spawned = std::thread::Builder::new().name("passwords".to_owned()).spawn(move || {
+            while let Ok(job) = queue.recv() {
+                job();
+            }
+        });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "could not start the password thread");
+        }
+        Self { jobs }
+    }
+
+    /// Runs `work` on the password thread and returns its result.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, AccountError> {
+        let (reply, result) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move || {
+                let _ = reply.send(work());
+            }))
+            .map_err(|_| AccountError::Hash("the password thread has stopped".to_owned()))?;
+        result.await.map_err(|_| AccountError::Hash("the password thread dropped a job".to_owned()))
+    }
 }
 
 const ACCOUNTS: &str = "user_id_to_account";
@@ -127,7 +171,12 @@ pub fn valid_localpart(localpart: &str) -> bool {
 impl Accounts {
     /// The accounts component over `db`.
     pub fn new(db: Db, server_name: OwnedServerName) -> Self {
-        Self { db, server_name, create_lock: Default::default() }
+        Self {
+            db,
+            server_name,
+            create_lock: Default::default(),
+            password_thread: PasswordThread::start(),
+        }
     }
 
     /// This server's name.
@@ -196,7 +245,7 @@ impl Accounts {
             return Err(AccountError::UserInUse);
         }
         let password_hash = match password {
-            Some(password) => Some(hash_password(password).await?),
+            Some(password) => Some(self.hash_password(password).await?),
             None => None,
         };
         let account = Account {
@@ -237,21 +286,34 @@ impl Accounts {
             return Ok(false);
         };
         let password = password.to_owned();
-        tokio::task::spawn_blocking(move || {
-            PasswordHash::new(&hash)
-                .map(|parsed| {
-                    Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok()
-                })
-                .unwrap_or(false)
-        })
-        .await
-        .map_err(|error| AccountError::Hash(error.to_string()))
+        self.password_thread
+            .run(move || {
+                PasswordHash::new(&hash)
+                    .map(|parsed| {
+                        Argon2::default().verify_password(password.as_bytes(), &parsed).is_ok()
+                    })
+                    .unwrap_or(false)
+            })
+            .await
+    }
+
+    async fn hash_password(&self, password: &str) -> Result<String, AccountError> {
+        let password = password.to_owned();
+        self.password_thread
+            .run(move || {
+                let salt = SaltString::generate(&mut OsRng);
+                Argon2::default()
+                    .hash_password(password.as_bytes(), &salt)
+                    .map(|hash| hash.to_string())
+                    .map_err(|error| AccountError::Hash(error.to_string()))
+            })
+            .await?
     }
 
     /// Sets a new password.
     pub async fn set_password(&self, user_id: &UserId, password: &str) -> Result<(), AccountError> {
         let mut account = self.account(user_id)?.ok_or(AccountError::UnknownUser)?;
-        account.password_hash = Some(hash_password(password).await?);
+        account.password_hash = Some(self.hash_password(password).await?);
         self.put_account(user_id, &account)
     }
 
@@ -400,19 +462,6 @@ impl Accounts {
     ) -> Result<Option<serde_json::Value>, AccountError> {
         Ok(self.db.get(FILTERS, &keys::join(&[user_id.as_bytes(), filter_id.as_bytes()]))?)
     }
-}
-
-async fn hash_password(password: &str) -> Result<String, AccountError> {
-    let password = password.to_owned();
-    tokio::task::spawn_blocking(move || {
-        let salt = SaltString::generate(&mut OsRng);
-        Argon2::default()
-            .hash_password(password.as_bytes(), &salt)
-            .map(|hash| hash.to_string())
-            .map_err(|error| AccountError::Hash(error.to_string()))
-    })
-    .await
-    .map_err(|error| AccountError::Hash(error.to_string()))?
 }
 
 #[cfg(test)]

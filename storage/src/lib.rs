@@ -118,6 +118,13 @@ struct Inner {
     next_short: AtomicU64,
 }
 
+/// The block cache all tables share.
+const BLOCK_CACHE_BYTES: usize = 32 << 20;
+/// One table's memtable before it is flushed to disk.
+const MEMTABLE_BYTES: usize = 4 << 20;
+/// All memtables together; past this, the largest is flushed.
+const MEMTABLES_TOTAL_BYTES: usize = 32 << 20;
+
 const POSITION_KEY: &[u8] = b"stream_position";
 const SHORT_KEY: &[u8] = b"next_short";
 const SCHEMA_KEY: &[u8] = b"schema_version";
@@ -132,9 +139,20 @@ impl Db {
         options.set_max_open_files(512);
         options.set_keep_log_file_num(4);
         options.increase_parallelism(2);
+        // Memory: every table would otherwise get its own block cache and 64 MiB memtables,
+        // which with dozens of tables grows the process to hundreds of MiB under light load.
+        // One cache is shared by all tables, and all memtables together are capped.
+        options.set_db_write_buffer_size(MEMTABLES_TOTAL_BYTES);
+        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
         let descriptors = TABLES.iter().map(|name| {
             let mut table_options = Options::default();
             table_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            table_options.set_write_buffer_size(MEMTABLE_BYTES);
+            let mut block_options = rocksdb::BlockBasedOptions::default();
+            block_options.set_block_cache(&cache);
+            block_options.set_bloom_filter(10.0, false);
+            block_options.set_cache_index_and_filter_blocks(true);
+            table_options.set_block_based_table_factory(&block_options);
             ColumnFamilyDescriptor::new(*name, table_options)
         });
         let rocks = Rocks::open_cf_descriptors(&options, path, descriptors)?;

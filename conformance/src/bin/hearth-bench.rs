@@ -97,6 +97,9 @@ struct Results {
     sizes: Sizes,
     /// Whether servers were pinned to a core.
     pinned: bool,
+    /// How this tool was built (`release`, or `dev` with optimised dependencies).
+    #[serde(default)]
+    tool_profile: String,
     /// Figures per server label (`hearth`, `synapse`, or the base URL).
     servers: Vec<(String, String, Vec<Figure>)>,
 }
@@ -210,6 +213,7 @@ async fn run(args: RunArgs) -> Result<()> {
         machine: machine(),
         sizes,
         pinned: args.pin,
+        tool_profile: if cfg!(debug_assertions) { "dev" } else { "release" }.to_owned(),
         servers,
     };
     print!("{}", table(&results));
@@ -434,6 +438,10 @@ better Hearth is (throughput: Hearth / Synapse; times, memory and bytes: Synapse
         }
     );
     let _ = writeln!(page, "- Sizes: {}", serde_json::to_string(&results.sizes)?);
+    if !results.tool_profile.is_empty() {
+        let _ =
+            writeln!(page, "- Load generator built with the `{}` profile", results.tool_profile);
+    }
     page.push_str("\n## Results\n\n");
     page.push_str(&table(&results));
     page.push_str("\n## Reproduce\n\n```sh\n");
