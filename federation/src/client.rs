@@ -335,6 +335,10 @@ impl Client {
                 .connect_overrides
                 .lock()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+            // Bounded like the `.well-known` cache; an entry dropped here is simply found again.
+            if overrides.len() >= self.inner.config.well_known_cache_max {
+                overrides.clear();
+            }
             overrides.insert(destination.tls_name.clone(), destination.connect_host.clone());
         }
         Ok(destination)
@@ -549,7 +553,9 @@ impl Client {
                 key_id: header.key_id.clone(),
             };
             let key = stored.verify_keys.get(&header.key_id).ok_or_else(unknown)?;
-            if key.valid_until_ts < now_ms() && stored.valid_until_ts < now_ms() {
+            // A request is signed now: an old key (past its `expired_ts`) or keys past their
+            // `valid_until_ts` that could not be refreshed do not authenticate it.
+            if key.valid_until_ts < now_ms() {
                 return Err(unknown());
             }
             let public_key = key.key_bytes().ok_or_else(unknown)?;
@@ -608,5 +614,146 @@ impl Client {
             answers.push(response);
         }
         Ok(answers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::server_name;
+
+    use super::*;
+    use crate::MemoryKeyStore;
+
+    struct Pair {
+        _dir: tempfile::TempDir,
+        origin: Arc<ServerSigningKey>,
+        receiver: Client,
+        store: Arc<MemoryKeyStore>,
+    }
+
+    /// A receiver `b.test` whose store knows `a.test`'s keys as fetched just now (so nothing is
+    /// fetched again), valid until `valid_until_ts`.
+    fn pair(valid_until_ts: u64) -> Pair {
+        let dir = tempfile::tempdir().unwrap();
+        let origin = Arc::new(
+            ServerSigningKey::load_or_generate(
+                &dir.path().join("a"),
+                server_name!("a.test").to_owned(),
+            )
+            .unwrap(),
+        );
+        let receiver_key = ServerSigningKey::load_or_generate(
+            &dir.path().join("b"),
+            server_name!("b.test").to_owned(),
+        )
+        .unwrap();
+        let store = Arc::new(MemoryKeyStore::default());
+        let response = keys::own_server_keys(&origin, &[], valid_until_ts).unwrap();
+        let stored =
+            keys::check_server_keys(server_name!("a.test"), response, None, now_ms()).unwrap();
+        store.store_server_keys(server_name!("a.test"), &stored).unwrap();
+        let receiver =
+            Client::new(Arc::new(receiver_key), store.clone(), ClientConfig::default()).unwrap();
+        Pair { _dir: dir, origin, receiver, store }
+    }
+
+    fn signed(key: &ServerSigningKey, uri: &str) -> String {
+        request::sign_request(
+            key,
+            server_name!("b.test"),
+            "POST",
+            uri,
+            Some(&CanonicalJsonValue::Object(CanonicalJsonObject::new())),
+        )
+        .unwrap()
+    }
+
+    #[tokio::test]
+    async fn requests_verify_against_stored_keys() {
+        let pair = pair(now_ms() + 3_600_000);
+        let header = signed(&pair.origin, "/x");
+        let origin =
+            pair.receiver.verify_request(Some(&header), "POST", "/x", b"{}").await.unwrap();
+        assert_eq!(origin, "a.test");
+        // Same header, other body or URI.
+        let error = pair.receiver.verify_request(Some(&header), "POST", "/x", b"{\"a\":1}").await;
+        assert!(matches!(error, Err(Error::InvalidSignature { .. })), "{error:?}");
+        let error = pair.receiver.verify_request(Some(&header), "POST", "/y", b"{}").await;
+        assert!(matches!(error, Err(Error::InvalidSignature { .. })), "{error:?}");
+        let error = pair.receiver.verify_request(None, "POST", "/x", b"{}").await;
+        assert!(matches!(error, Err(Error::MalformedAuthorization(_))), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn an_unknown_key_just_fetched_is_not_fetched_again() {
+        let pair = pair(now_ms() + 3_600_000);
+        let dir = tempfile::tempdir().unwrap();
+        let stranger = ServerSigningKey::load_or_generate(
+            &dir.path().join("s"),
+            server_name!("a.test").to_owned(),
+        )
+        .unwrap();
+        // a.test is not reachable here: an error other than UnknownKey would mean a fetch.
+        let error =
+            pair.receiver.verify_request(Some(&signed(&stranger, "/x")), "POST", "/x", b"{}").await;
+        assert!(matches!(error, Err(Error::UnknownKey { .. })), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn old_keys_do_not_authenticate_requests() {
+        let pair = pair(now_ms() + 3_600_000);
+        // The origin's current key is now listed as expired an hour ago.
+        let mut stored = pair.store.load_server_keys(server_name!("a.test")).unwrap().unwrap();
+        for key in stored.verify_keys.values_mut() {
+            key.valid_until_ts = now_ms() - 3_600_000;
+        }
+        pair.store.store_server_keys(server_name!("a.test"), &stored).unwrap();
+        let error = pair
+            .receiver
+            .verify_request(Some(&signed(&pair.origin, "/x")), "POST", "/x", b"{}")
+            .await;
+        assert!(matches!(error, Err(Error::UnknownKey { .. })), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn our_own_name_is_checked_with_our_own_key() {
+        let pair = pair(now_ms() + 3_600_000);
+        let dir = tempfile::tempdir().unwrap();
+        let impostor = ServerSigningKey::load_or_generate(
+            &dir.path().join("b"),
+            server_name!("b.test").to_owned(),
+        )
+        .unwrap();
+        let error =
+            pair.receiver.verify_request(Some(&signed(&impostor, "/x")), "POST", "/x", b"{}").await;
+        assert!(matches!(error, Err(Error::InvalidSignature { .. })), "{error:?}");
+    }
+
+    #[tokio::test]
+    async fn private_ip_literals_are_refused_before_connecting() {
+        let pair = pair(now_ms() + 3_600_000);
+        for name in ["127.0.0.1:8448", "10.0.0.1", "[::1]:8448"] {
+            let server_name = <&ServerName>::try_from(name).unwrap();
+            let error = pair
+                .receiver
+                .send_request(server_name, Method::GET, "/_matrix/federation/v1/version", None)
+                .await;
+            assert!(matches!(error, Err(Error::PrivateAddress { .. })), "{name}: {error:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_notary_cosigns_what_it_holds() {
+        let pair = pair(now_ms() + 3_600_000);
+        let servers = BTreeMap::from([
+            (server_name!("a.test").to_owned(), 0),
+            (server_name!("b.test").to_owned(), 0),
+        ]);
+        let answers = pair.receiver.query_server_keys(servers).await.unwrap();
+        assert_eq!(answers.len(), 2);
+        let CanonicalJsonValue::Object(signatures) = &answers[0]["signatures"] else { panic!() };
+        assert_eq!(signatures.keys().collect::<Vec<_>>(), ["a.test", "b.test"]);
+        keys::check_server_keys(server_name!("a.test"), answers[0].clone(), None, 0).unwrap();
+        keys::check_server_keys(server_name!("b.test"), answers[1].clone(), None, 0).unwrap();
     }
 }
