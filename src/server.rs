@@ -181,11 +181,19 @@ impl Server {
             .await
             .map_err(|source| ServerError::Listen { address: tls_address, source })
         };
-        let ((), plain_result, tls_result) = tokio::join!(
-            trigger,
-            async { plain.await.map_err(|source| ServerError::Listen { address, source }) },
-            tls
-        );
+        let servers = async {
+            tokio::join!(
+                async { plain.await.map_err(|source| ServerError::Listen { address, source }) },
+                tls
+            )
+        };
+        tokio::pin!(servers);
+        // Normally the trigger fires and both listeners drain; should they stop on their own,
+        // the wait for the trigger ends with them.
+        let (plain_result, tls_result) = tokio::select! {
+            results = &mut servers => results,
+            () = trigger => servers.await,
+        };
         let result = plain_result.and(tls_result);
         if let Err(error) = self.db.flush() {
             tracing::error!(%error, "flushing the database on shutdown");

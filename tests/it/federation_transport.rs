@@ -74,18 +74,23 @@ async fn start_on(pki: &Pki, ip: &str) -> TestServer {
     .await
 }
 
-/// A federation client that speaks as `server` (with its signing key).
+/// A federation client that speaks as `server` (with its signing key), trusting the test CA.
 fn client_as(server: &TestServer, pki: &Pki, allow_private: bool) -> Client {
-    let signing_key = ServerSigningKey::load_or_generate(
-        &server.data_dir.join("signing.key"),
-        ServerName::parse(&server.server_name).expect("test setup"),
-    )
-    .expect("test setup");
     let config = ClientConfig {
         allow_private,
         extra_ca_file: Some(pki.ca_path().into()),
         ..ClientConfig::default()
     };
+    client_with(server, config)
+}
+
+/// A federation client that speaks as `server`, with the given settings.
+fn client_with(server: &TestServer, config: ClientConfig) -> Client {
+    let signing_key = ServerSigningKey::load_or_generate(
+        &server.data_dir.join("signing.key"),
+        ServerName::parse(&server.server_name).expect("test setup"),
+    )
+    .expect("test setup");
     Client::new(Arc::new(signing_key), Arc::new(MemoryKeyStore::default()), config)
         .expect("test setup")
 }
@@ -244,16 +249,22 @@ async fn two_servers_federate_over_tls_with_signed_requests() {
     let careful = client_as(&a, &pki, false);
     let error = careful.send_request(b_name, Method::GET, &path, None).await.unwrap_err();
     assert!(matches!(error, Error::PrivateAddress { .. }), "{error:?}");
+    // An answer larger than the configured cap is dropped.
+    let small = client_with(
+        &a,
+        ClientConfig {
+            allow_private: true,
+            extra_ca_file: Some(pki.ca_path().into()),
+            max_response_bytes: 64,
+            ..ClientConfig::default()
+        },
+    );
+    let error =
+        small.send_request(b_name, Method::GET, "/_matrix/key/v2/server", None).await.unwrap_err();
+    assert!(matches!(error, Error::ResponseTooLarge { limit_bytes: 64, .. }), "{error:?}");
     // Without the test CA, B's certificate is not trusted.
-    let signing_key =
-        ServerSigningKey::load_or_generate(&a.data_dir.join("signing.key"), a_name.to_owned())
-            .unwrap();
-    let untrusting = Client::new(
-        Arc::new(signing_key),
-        Arc::new(MemoryKeyStore::default()),
-        ClientConfig { allow_private: true, ..ClientConfig::default() },
-    )
-    .unwrap();
+    let untrusting =
+        client_with(&a, ClientConfig { allow_private: true, ..ClientConfig::default() });
     let error = untrusting.send_request(b_name, Method::GET, &path, None).await.unwrap_err();
     assert!(matches!(error, Error::Http { .. }), "{error:?}");
 
