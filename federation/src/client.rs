@@ -209,7 +209,8 @@ impl Client {
     }
 
     /// Sends a request signed with X-Matrix to `destination` and returns its JSON answer.
-    /// `path_and_query` is the request target as signed (`/_matrix/federation/v1/...?a=b`).
+    /// `path_and_query` is the request target as signed and sent, already percent-encoded
+    /// (`/_matrix/federation/v1/state/%21room%3Aexample.org?event_id=...`).
     /// An answer other than 2xx is [`Error::Status`].
     pub async fn send_request(
         &self,
