@@ -62,6 +62,30 @@ pub struct Config {
     pub sync_timeout_max_ms: u64,
     /// How many events one `/messages` or `/sync` timeline may return at most.
     pub timeline_limit_max: usize,
+    /// Address and port of the TLS listener (client and federation API), if any.
+    pub tls_listen: Option<SocketAddr>,
+    /// The PEM certificate chain of the TLS listener.
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of the TLS listener.
+    pub tls_key: Option<PathBuf>,
+    /// A PEM file of extra CA certificates trusted for outbound federation.
+    pub federation_ca: Option<PathBuf>,
+    /// Contact peers that resolve to loopback, private or link-local addresses.
+    pub federation_allow_private: bool,
+    /// How long connecting to a peer (TCP and TLS) may take, in milliseconds.
+    pub federation_connect_timeout_ms: u64,
+    /// How long one outbound federation request may take, in milliseconds.
+    pub federation_request_timeout_ms: u64,
+    /// The largest response body read from a peer, in bytes.
+    pub federation_max_response_bytes: usize,
+    /// How many `.well-known/matrix/server` answers are cached at most.
+    pub federation_well_known_cache_max: usize,
+    /// The shortest time between two key fetches from one peer for unknown key ids, in ms.
+    pub federation_key_refetch_interval_ms: u64,
+    /// How many servers one notary query (`/_matrix/key/v2/query`) may name.
+    pub federation_key_query_servers_max: usize,
+    /// How long our published server keys are declared valid, in milliseconds.
+    pub federation_key_valid_ms: u64,
 }
 
 impl Default for Config {
@@ -80,6 +104,18 @@ impl Default for Config {
             log_format: LogFormat::Pretty,
             sync_timeout_max_ms: 60_000,
             timeline_limit_max: 1000,
+            tls_listen: None,
+            tls_cert: None,
+            tls_key: None,
+            federation_ca: None,
+            federation_allow_private: false,
+            federation_connect_timeout_ms: 10_000,
+            federation_request_timeout_ms: 60_000,
+            federation_max_response_bytes: 20 * 1024 * 1024,
+            federation_well_known_cache_max: 10_000,
+            federation_key_refetch_interval_ms: 60_000,
+            federation_key_query_servers_max: 100,
+            federation_key_valid_ms: 7 * 24 * 3600 * 1000,
         }
     }
 }
@@ -156,7 +192,15 @@ impl Config {
             .map(|table| table.keys().cloned().collect())
             .unwrap_or_default();
         // Optional fields are absent from the serialized defaults.
-        for optional in ["registration_token", "public_base_url", "well_known_server"] {
+        for optional in [
+            "registration_token",
+            "public_base_url",
+            "well_known_server",
+            "tls_listen",
+            "tls_cert",
+            "tls_key",
+            "federation_ca",
+        ] {
             if !names.iter().any(|name| name == optional) {
                 names.push(optional.to_owned());
             }
@@ -179,7 +223,28 @@ impl Config {
                 self.default_room_version
             )));
         }
+        if self.tls_listen.is_some() && (self.tls_cert.is_none() || self.tls_key.is_none()) {
+            return Err(ConfigError::Invalid(
+                "tls_listen needs tls_cert and tls_key (HEARTH_TLS_CERT, HEARTH_TLS_KEY)".into(),
+            ));
+        }
         Ok(())
+    }
+
+    /// The settings of the federation client.
+    pub fn federation_client(&self) -> federation::ClientConfig {
+        use std::time::Duration;
+        federation::ClientConfig {
+            allow_private: self.federation_allow_private,
+            extra_ca_file: self.federation_ca.clone(),
+            connect_timeout: Duration::from_millis(self.federation_connect_timeout_ms),
+            request_timeout: Duration::from_millis(self.federation_request_timeout_ms),
+            max_response_bytes: self.federation_max_response_bytes,
+            well_known_cache_max: self.federation_well_known_cache_max,
+            key_refetch_interval: Duration::from_millis(self.federation_key_refetch_interval_ms),
+            key_query_servers_max: self.federation_key_query_servers_max,
+            key_valid_for: Duration::from_millis(self.federation_key_valid_ms),
+        }
     }
 
     /// The database directory.
@@ -274,6 +339,32 @@ mod tests {
         assert!(check("", &[("HEARTH_REGISTRATION", "token")]).is_err());
         assert!(check("", &[("HEARTH_LISTEN", "not an address")]).is_err());
         assert!(check("", &[("HEARTH_DEFAULT_ROOM_VERSION", "99")]).is_err());
+        assert!(check("", &[("HEARTH_TLS_LISTEN", "127.0.0.1:8448")]).is_err());
+        assert!(check("", &[("HEARTH_FEDERATION_ALLOW_PRIVATE", "maybe")]).is_err());
+    }
+
+    #[test]
+    fn federation_settings_come_from_the_environment() {
+        let config = check(
+            "",
+            &[
+                ("HEARTH_TLS_LISTEN", "127.0.0.2:8448"),
+                ("HEARTH_TLS_CERT", "/c.pem"),
+                ("HEARTH_TLS_KEY", "/k.pem"),
+                ("HEARTH_FEDERATION_CA", "/ca.pem"),
+                ("HEARTH_FEDERATION_ALLOW_PRIVATE", "true"),
+                ("HEARTH_FEDERATION_MAX_RESPONSE_BYTES", "1000"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(config.tls_listen.unwrap().to_string(), "127.0.0.2:8448");
+        assert_eq!(config.tls_cert, Some(PathBuf::from("/c.pem")));
+        assert!(config.federation_allow_private);
+        let client = config.federation_client();
+        assert!(client.allow_private);
+        assert_eq!(client.max_response_bytes, 1000);
+        assert_eq!(client.extra_ca_file, Some(PathBuf::from("/ca.pem")));
+        assert!(!check("", &[]).unwrap().federation_allow_private);
     }
 
     #[test]

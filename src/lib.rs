@@ -13,4 +13,6 @@ pub mod filter;
 pub mod notify;
 pub mod rooms;
 pub mod server;
+pub mod server_keys;
 pub mod sync;
+pub mod tls;

@@ -1,8 +1,9 @@
-//! Wiring: opens the database and signing key, builds the components, binds the listener and
-//! serves until shutdown.
+//! Wiring: opens the database and signing key, builds the components (the federation client
+//! among them), binds the plain listener and the optional TLS one, and serves until shutdown.
 
 use std::{net::SocketAddr, sync::Arc};
 
+use axum::serve::ListenerExt;
 use federation::ServerSigningKey;
 use storage::Db;
 use tokio::net::TcpListener;
@@ -16,6 +17,8 @@ use crate::{
     ephemeral::Ephemeral,
     notify::Notifier,
     rooms::Rooms,
+    server_keys::DbKeyStore,
+    tls::{TlsError, TlsListener},
 };
 
 /// Why the server could not start or stopped with an error.
@@ -33,6 +36,12 @@ pub enum ServerError {
     /// The signing key could not be loaded.
     #[error(transparent)]
     SigningKey(#[from] federation::Error),
+    /// The federation client could not be built (for example a bad CA file).
+    #[error("federation client: {0}")]
+    FederationClient(#[source] federation::Error),
+    /// The TLS certificate or key could not be loaded.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     /// Binding or serving failed.
     #[error("listener {address}: {source}")]
     Listen {
@@ -48,6 +57,7 @@ pub enum ServerError {
 pub struct Server {
     state: AppState,
     listener: TcpListener,
+    tls_listener: Option<TlsListener>,
     db: Db,
 }
 
@@ -79,9 +89,25 @@ impl Server {
         let ephemeral = Ephemeral::new(db.clone(), notifier.clone());
         let account_data = AccountData::new(db.clone(), notifier.clone());
         let e2ee = E2ee::new(db.clone(), notifier.clone());
+        let federation = federation::Client::new(
+            signing_key.clone(),
+            Arc::new(DbKeyStore::new(db.clone())),
+            config.federation_client(),
+        )
+        .map_err(ServerError::FederationClient)?;
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Listen { address: config.listen, source })?;
+        let tls_listener = match (config.tls_listen, &config.tls_cert, &config.tls_key) {
+            (Some(address), Some(cert), Some(key)) => {
+                let tls_config = crate::tls::server_config(cert, key)?;
+                let tcp = TcpListener::bind(address)
+                    .await
+                    .map_err(|source| ServerError::Listen { address, source })?;
+                Some(TlsListener::new(tcp, tls_config))
+            }
+            _ => None,
+        };
         let state = AppState {
             config: Arc::new(config),
             accounts,
@@ -92,13 +118,20 @@ impl Server {
             uia: UiaSessions::default(),
             notifier,
             signing_key,
+            federation,
         };
-        Ok(Self { state, listener, db })
+        Ok(Self { state, listener, tls_listener, db })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> Result<SocketAddr, std::io::Error> {
         self.listener.local_addr()
+    }
+
+    /// The address the TLS listener bound, if there is one.
+    pub fn tls_local_addr(&self) -> Option<Result<SocketAddr, std::io::Error>> {
+        use axum::serve::Listener;
+        self.tls_listener.as_ref().map(Listener::local_addr)
     }
 
     /// The accounts component (for the first-start notice).
@@ -118,17 +151,50 @@ impl Server {
             .map_err(|source| ServerError::Listen { address: self.state.config.listen, source })?;
         tracing::info!(%address, server_name = %self.state.config.server_name, "serving");
         let notifier = self.state.notifier.clone();
-        let shutdown = async move {
+        let (stopping, stopped) = tokio::sync::watch::channel(false);
+        let trigger = async move {
             shutdown.await;
             // Long polls answer at once instead of holding the shutdown up.
             notifier.close();
+            let _ = stopping.send(true);
+        };
+        let wait_for = |mut stopped: tokio::sync::watch::Receiver<bool>| async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
         };
         let app = api::router(self.state);
-        let result =
-            axum::serve(self.listener, app.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(shutdown)
-                .await
-                .map_err(|source| ServerError::Listen { address, source });
+        let plain = axum::serve(
+            self.listener,
+            app.clone().into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(wait_for(stopped.clone()));
+        let tls = async {
+            let Some(tls_listener) = self.tls_listener else { return Ok(()) };
+            let tls_address = axum::serve::Listener::local_addr(&tls_listener)
+                .map_err(|source| ServerError::Listen { address, source })?;
+            tracing::info!(address = %tls_address, "serving TLS");
+            // `tap_io` gives the TLS listener the connect-info (peer address) of a TCP one.
+            axum::serve(
+                tls_listener.tap_io(|_| {}),
+                app.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(wait_for(stopped))
+            .await
+            .map_err(|source| ServerError::Listen { address: tls_address, source })
+        };
+        let servers = async {
+            tokio::join!(
+                async { plain.await.map_err(|source| ServerError::Listen { address, source }) },
+                tls
+            )
+        };
+        tokio::pin!(servers);
+        // Normally the trigger fires and both listeners drain; should they stop on their own,
+        // the wait for the trigger ends with them.
+        let (plain_result, tls_result) = tokio::select! {
+            results = &mut servers => results,
+            () = trigger => servers.await,
+        };
+        let result = plain_result.and(tls_result);
         if let Err(error) = self.db.flush() {
             tracing::error!(%error, "flushing the database on shutdown");
         }

@@ -1,10 +1,22 @@
-//! Hearth's server-server protocol.
+//! Hearth's server-server protocol: the server's signing key and event signing
+//! (`signing`), X-Matrix request signing and verification (`request`), server keys and
+//! their store (`keys`), server discovery (`discovery`), and the [`Client`] that ties them
+//! together for outbound requests, key fetching, the notary and inbound request checks.
 //!
-//! For now this holds the server's ed25519 signing key and the signing of events (content
-//! hash, signature, event id by the room version's rules). Request signing, key fetching,
-//! discovery and the outbound sender join it with the federation work.
+//! The crate knows nothing of the database or the room core: what it persists goes through
+//! [`KeyStore`].
 #![warn(missing_docs)]
 
+pub mod client;
+pub mod discovery;
+pub mod error;
+pub mod keys;
+pub mod request;
 pub mod signing;
 
-pub use signing::{Error, ServerSigningKey};
+pub use client::{Client, ClientConfig};
+pub use error::Error;
+pub use keys::{KeyStore, MemoryKeyStore, StoredServerKeys, StoredVerifyKey};
+pub use request::XMatrix;
+pub use reqwest::Method;
+pub use signing::ServerSigningKey;

@@ -13,36 +13,7 @@ use ruma::{
     signatures::{Ed25519KeyPair, KeyPair},
 };
 
-/// Errors of this crate.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The key file could not be read or written.
-    #[error("key file {path}: {source}")]
-    KeyFile {
-        /// The file.
-        path: String,
-        /// What failed.
-        #[source]
-        source: io::Error,
-    },
-    /// The key file does not hold a valid key.
-    #[error("key file {path} holds no valid ed25519 key: {reason}")]
-    BadKey {
-        /// The file.
-        path: String,
-        /// Why it is invalid.
-        reason: String,
-    },
-    /// Hashing, signing or redacting the event failed (for example it is too large).
-    #[error("signing the event: {0}")]
-    Json(#[from] ruma::signatures::JsonError),
-    /// The room version is not one this server knows.
-    #[error("unsupported room version {0}")]
-    UnsupportedRoomVersion(RoomVersionId),
-    /// The computed event id is not valid.
-    #[error("invalid event id: {0}")]
-    EventId(#[from] ruma::IdParseError),
-}
+use crate::Error;
 
 /// The server's signing key.
 pub struct ServerSigningKey {
@@ -99,6 +70,11 @@ impl ServerSigningKey {
     /// The public key, unpadded base64.
     pub fn public_key_base64(&self) -> String {
         STANDARD_NO_PAD.encode(self.key_pair.public_key())
+    }
+
+    /// The public key, raw bytes.
+    pub fn public_key_bytes(&self) -> Vec<u8> {
+        self.key_pair.public_key().to_vec()
     }
 
     /// The server this key signs for.

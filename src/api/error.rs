@@ -66,6 +66,10 @@ impl ApiError {
     pub fn missing_param(error: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "M_MISSING_PARAM", error)
     }
+    /// 401 `M_UNAUTHORIZED`: a federation request without a valid signature.
+    pub fn unauthorized(error: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "M_UNAUTHORIZED", error)
+    }
     /// 401 `M_MISSING_TOKEN`.
     pub fn missing_token() -> Self {
         Self::new(StatusCode::UNAUTHORIZED, "M_MISSING_TOKEN", "Missing access token")
@@ -157,6 +161,32 @@ impl From<storage::Error> for ApiError {
 impl From<federation::Error> for ApiError {
     fn from(error: federation::Error) -> Self {
         Self::internal(error)
+    }
+}
+
+/// A failed X-Matrix check of an inbound federation request.
+#[derive(Debug)]
+pub struct XMatrixError(pub federation::Error);
+
+impl From<XMatrixError> for ApiError {
+    fn from(XMatrixError(error): XMatrixError) -> Self {
+        use federation::Error;
+        match error {
+            Error::WrongDestination { destination } => {
+                Self::forbidden(format!("Request is for {destination}, not this server"))
+            }
+            Error::KeyStore(_) => Self::internal(error),
+            Error::MalformedAuthorization(reason) => {
+                Self::unauthorized(format!("Bad X-Matrix authorization: {reason}"))
+            }
+            Error::InvalidSignature { .. } => Self::unauthorized("Invalid request signature"),
+            error => {
+                // The origin's keys could not be had (unreachable, unknown key, bad answer):
+                // the request cannot be authenticated.
+                tracing::info!(%error, "federation request not authenticated");
+                Self::unauthorized("Cannot verify the request signature")
+            }
+        }
     }
 }
 

@@ -1,19 +1,20 @@
-//! The HTTP surface: the router, its middleware (CORS, gzip, tracing spans) and the
+//! The HTTP surface (client-server and server-server APIs): the router, its middleware (CORS, gzip, tracing spans) and the
 //! state each handler draws its components from.
 
 pub mod client;
 pub mod error;
 pub mod extract;
+pub mod federation;
 pub mod uia;
 
 use std::{sync::Arc, time::Duration};
 
+use ::federation::ServerSigningKey;
 use axum::{
     Router,
     extract::FromRef,
     http::{Method, header},
 };
-use federation::ServerSigningKey;
 use tower_http::{
     compression::CompressionLayer,
     cors::{Any, CorsLayer},
@@ -46,6 +47,8 @@ pub struct AppState {
     pub notifier: Notifier,
     /// The server's signing key.
     pub signing_key: Arc<ServerSigningKey>,
+    /// The federation client: outbound requests, server keys, inbound X-Matrix checks.
+    pub federation: ::federation::Client,
 }
 
 /// The whole HTTP application.
@@ -62,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .max_age(Duration::from_secs(86400));
     let max_request_bytes = state.config.max_request_bytes;
     client::routes()
+        .merge(federation::routes(state.clone()))
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_request_bytes))

@@ -65,6 +65,7 @@ pub const TABLES: &[&str] = &[
     "user_device_position_to_to_device",
     "user_device_txn_to_to_device_txn",
     "user_device_batch_to_to_device_cursor",
+    "server_name_to_server_keys",
 ];
 
 /// Errors from the storage layer.

@@ -1,7 +1,7 @@
 //! `TestServer`: boots the real server in-process on a random loopback port with a fresh data
 //! directory, and a small HTTP client for tests (`Client`).
 
-use std::{collections::BTreeMap, path::PathBuf, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use hearth::{config::Config, server::Server};
 use serde_json::{Value, json};
@@ -12,6 +12,8 @@ pub(crate) struct TestServer {
     pub(crate) base_url: String,
     pub(crate) server_name: String,
     pub(crate) data_dir: PathBuf,
+    /// The TLS listener's address, when `HEARTH_TLS_LISTEN` was set.
+    pub(crate) tls_address: Option<SocketAddr>,
     _temp: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -46,6 +48,7 @@ impl TestServer {
         let server_name = config.server_name.to_string();
         let server = Server::bind(config).await.expect("server starts");
         let address = server.local_addr().expect("bound address");
+        let tls_address = server.tls_local_addr().map(|address| address.expect("TLS address"));
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -59,6 +62,7 @@ impl TestServer {
             base_url: format!("http://{address}"),
             server_name,
             data_dir,
+            tls_address,
             _temp: None,
             stop: Some(stop),
             task: Some(task),

@@ -1,0 +1,88 @@
+//! The server-server API: the routes peers call, and the X-Matrix check that runs before
+//! every `/_matrix/federation/*` handler except `version`.
+//!
+//! [Server-server API](https://spec.matrix.org/v1.16/server-server-api/)
+
+pub mod keys;
+pub mod query;
+
+use axum::{
+    Json, Router,
+    body::Body,
+    extract::{FromRequestParts, OriginalUri, Request, State},
+    http::{header, request::Parts},
+    middleware::{self, Next},
+    response::Response,
+    routing::get,
+};
+use ruma::OwnedServerName;
+use serde_json::{Value, json};
+
+use crate::api::{
+    AppState,
+    error::{ApiError, XMatrixError},
+};
+
+/// Routes of the server-server API. `state` is needed to build the X-Matrix middleware.
+pub fn routes(state: AppState) -> Router<AppState> {
+    let authenticated = Router::new()
+        .merge(query::routes())
+        .route_layer(middleware::from_fn_with_state(state, verify_x_matrix));
+    Router::new()
+        .route("/_matrix/federation/v1/version", get(version))
+        .merge(keys::routes())
+        .merge(authenticated)
+}
+
+/// `GET /_matrix/federation/v1/version`
+async fn version() -> Json<Value> {
+    Json(json!({"server": {"name": "Hearth", "version": env!("CARGO_PKG_VERSION")}}))
+}
+
+/// The origin of a request whose X-Matrix signature has been verified.
+#[derive(Clone, Debug)]
+pub struct XMatrixOrigin(pub OwnedServerName);
+
+impl<S: Send + Sync> FromRequestParts<S> for XMatrixOrigin {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        // Only the middleware puts it there: a handler outside the authenticated routes that
+        // asks for it gets a refusal rather than an unchecked origin.
+        parts
+            .extensions
+            .get::<XMatrixOrigin>()
+            .cloned()
+            .ok_or_else(|| ApiError::unauthorized("Request is not signed"))
+    }
+}
+
+/// Reads the body (within `max_request_bytes`), verifies the X-Matrix header over method, URI,
+/// origin, destination and body with the origin's key, then hands the request on with the
+/// verified [`XMatrixOrigin`] and the same body.
+async fn verify_x_matrix(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let (mut parts, body) = request.into_parts();
+    let bytes = axum::body::to_bytes(body, state.config.max_request_bytes)
+        .await
+        .map_err(|_| ApiError::too_large())?;
+    let uri =
+        parts.extensions.get::<OriginalUri>().map(|uri| uri.0.clone()).unwrap_or(parts.uri.clone());
+    let target = uri.path_and_query().map(|target| target.as_str()).unwrap_or(uri.path());
+    let authorization = match parts.headers.get(header::AUTHORIZATION) {
+        Some(value) => {
+            Some(value.to_str().map_err(|_| ApiError::unauthorized("Authorization is not text"))?)
+        }
+        None => None,
+    };
+    let origin = state
+        .federation
+        .verify_request(authorization, parts.method.as_str(), target, &bytes)
+        .await
+        .map_err(XMatrixError)?;
+    parts.extensions.insert(XMatrixOrigin(origin));
+    Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await)
+}
