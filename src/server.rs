@@ -14,6 +14,7 @@ use crate::{
     config::Config,
     e2ee::E2ee,
     ephemeral::Ephemeral,
+    key_backup::KeyBackup,
     notify::Notifier,
     rooms::Rooms,
 };
@@ -79,6 +80,7 @@ impl Server {
         let ephemeral = Ephemeral::new(db.clone(), notifier.clone());
         let account_data = AccountData::new(db.clone(), notifier.clone());
         let e2ee = E2ee::new(db.clone(), notifier.clone());
+        let key_backup = KeyBackup::new(db.clone());
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Listen { address: config.listen, source })?;
@@ -89,6 +91,7 @@ impl Server {
             ephemeral,
             account_data,
             e2ee,
+            key_backup,
             uia: UiaSessions::default(),
             notifier,
             signing_key,
