@@ -11,6 +11,7 @@ mod accounts;
 mod auth_rules;
 mod bad_input;
 mod basics;
+mod client_e2ee;
 mod client_sdk;
 mod discovery;
 mod e2ee;
