@@ -10,6 +10,7 @@ pub mod config;
 pub mod e2ee;
 pub mod ephemeral;
 pub mod filter;
+pub mod key_backup;
 pub mod notify;
 pub mod rooms;
 pub mod server;

@@ -15,6 +15,7 @@ use crate::{
     config::Config,
     e2ee::E2ee,
     ephemeral::Ephemeral,
+    key_backup::KeyBackup,
     notify::Notifier,
     rooms::Rooms,
     server_keys::DbKeyStore,
@@ -95,6 +96,7 @@ impl Server {
             config.federation_client(),
         )
         .map_err(ServerError::FederationClient)?;
+        let key_backup = KeyBackup::new(db.clone());
         let listener = TcpListener::bind(config.listen)
             .await
             .map_err(|source| ServerError::Listen { address: config.listen, source })?;
@@ -115,6 +117,7 @@ impl Server {
             ephemeral,
             account_data,
             e2ee,
+            key_backup,
             uia: UiaSessions::default(),
             notifier,
             signing_key,

@@ -240,6 +240,30 @@ impl From<crate::e2ee::E2eeError> for ApiError {
     }
 }
 
+impl From<crate::key_backup::KeyBackupError> for ApiError {
+    fn from(error: crate::key_backup::KeyBackupError) -> Self {
+        use crate::key_backup::KeyBackupError;
+        match error {
+            KeyBackupError::NoBackup => Self::not_found("No current backup version"),
+            KeyBackupError::UnknownVersion => Self::not_found("Unknown backup version"),
+            KeyBackupError::WrongVersion { current_version } => Self::new(
+                StatusCode::FORBIDDEN,
+                "M_WRONG_ROOM_KEYS_VERSION",
+                "Wrong backup version",
+            )
+            .with("current_version", current_version),
+            KeyBackupError::VersionMismatch => {
+                Self::invalid_param("The version in the body does not match the path")
+            }
+            KeyBackupError::AlgorithmMismatch => {
+                Self::invalid_param("The algorithm does not match the backup's")
+            }
+            KeyBackupError::KeyNotFound => Self::not_found("No key for that session"),
+            KeyBackupError::Storage(source) => Self::internal(source),
+        }
+    }
+}
+
 /// One entry of the `failures` of `keys/signatures/upload`: `errcode` and `error`.
 pub fn signature_failure(failure: crate::e2ee::SignatureFailure) -> Value {
     use crate::e2ee::SignatureFailure;

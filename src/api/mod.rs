@@ -23,7 +23,7 @@ use tower_http::{
 
 use crate::{
     account_data::AccountData, accounts::Accounts, config::Config, e2ee::E2ee,
-    ephemeral::Ephemeral, notify::Notifier, rooms::Rooms,
+    ephemeral::Ephemeral, key_backup::KeyBackup, notify::Notifier, rooms::Rooms,
 };
 
 /// The router state. Handlers take the components they use (`State<Rooms>`), not all of it.
@@ -41,6 +41,8 @@ pub struct AppState {
     pub account_data: AccountData,
     /// End-to-end encryption keys and to-device messages.
     pub e2ee: E2ee,
+    /// Server-side key backups.
+    pub key_backup: KeyBackup,
     /// User-interactive auth sessions.
     pub uia: uia::UiaSessions,
     /// Wakes `/sync`.

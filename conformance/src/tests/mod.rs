@@ -7,6 +7,7 @@ mod bad_input;
 mod context;
 mod create_room;
 mod devices;
+mod e2ee;
 mod fixtures;
 mod login;
 mod membership;
@@ -55,6 +56,7 @@ pub(crate) fn all() -> Vec<Test> {
         presence::tests(),
         user_directory::tests(),
         push_rules::tests(),
+        e2ee::tests(),
         bad_input::tests(),
     ]
     .into_iter()

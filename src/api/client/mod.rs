@@ -6,6 +6,7 @@ pub mod device;
 pub mod directory;
 pub mod discovery;
 pub mod ephemeral;
+pub mod key_backup;
 pub mod keys;
 pub mod membership;
 pub mod message;
@@ -39,5 +40,6 @@ pub fn routes() -> Router<AppState> {
         .merge(user_directory::routes())
         .merge(push_rules::routes())
         .merge(keys::routes())
+        .merge(key_backup::routes())
         .merge(to_device::routes())
 }
