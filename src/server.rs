@@ -106,6 +106,11 @@ impl Server {
         &self.state.accounts
     }
 
+    /// The room core (tests feed it remote PDUs directly, where the transport would).
+    pub fn rooms(&self) -> &Rooms {
+        &self.state.rooms
+    }
+
     /// Serves until `shutdown` resolves, then finishes in-flight requests and flushes the
     /// database.
     pub async fn serve(

@@ -12,6 +12,8 @@ pub(crate) struct TestServer {
     pub(crate) base_url: String,
     pub(crate) server_name: String,
     pub(crate) data_dir: PathBuf,
+    /// The room core, for tests that stand in for a remote server's transport.
+    pub(crate) rooms: hearth::rooms::Rooms,
     _temp: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -46,6 +48,7 @@ impl TestServer {
         let server_name = config.server_name.to_string();
         let server = Server::bind(config).await.expect("server starts");
         let address = server.local_addr().expect("bound address");
+        let rooms = server.rooms().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -59,6 +62,7 @@ impl TestServer {
             base_url: format!("http://{address}"),
             server_name,
             data_dir,
+            rooms,
             _temp: None,
             stop: Some(stop),
             task: Some(task),

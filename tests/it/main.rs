@@ -14,6 +14,7 @@ mod basics;
 mod client_sdk;
 mod discovery;
 mod e2ee;
+mod federation_rooms;
 mod profile;
 mod restart;
 mod rooms;
