@@ -11,6 +11,7 @@ pub mod directory;
 pub mod ingest;
 pub mod membership;
 pub mod pdu;
+pub mod peers;
 pub mod state;
 
 use std::{

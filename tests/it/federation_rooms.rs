@@ -14,6 +14,7 @@ use futures::future::BoxFuture;
 use hearth::rooms::{
     Rooms,
     ingest::{Accepted, IngestError, Remote, RemoteError, RemoteEvents, ServerKeys},
+    peers::{PeerError, to_canonical},
 };
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId,
@@ -616,4 +617,220 @@ async fn oversized_transactions_are_refused_whole() {
         .await
         .unwrap();
     assert!(results.values().all(Result::is_err), "{results:?}");
+}
+
+/// The local server's published key, read from its key file.
+fn local_keys(server: &TestServer) -> ruma::signatures::PublicKeyMap {
+    let name = OwnedServerName::try_from(server.server_name.as_str()).expect("server name");
+    let key = ServerSigningKey::load_or_generate(&server.data_dir.join("signing.key"), name)
+        .expect("the server's key");
+    let public = Base64::parse(key.public_key_base64()).expect("base64");
+    BTreeMap::from([(server.server_name.clone(), BTreeMap::from([(key.key_id(), public)]))])
+}
+
+#[tokio::test]
+async fn make_join_and_send_join_let_a_remote_user_in() {
+    let setup = Setup::new("public_chat").await;
+    let rooms = setup.rooms();
+    let bob = UserId::parse(setup.remote.user("bob")).unwrap();
+    let name = &setup.remote.name;
+    // Versions the joining server does not speak are refused.
+    let refused = rooms.make_join(name, &setup.room_id, &bob, &[ruma::RoomVersionId::V1]);
+    assert!(matches!(refused, Err(PeerError::IncompatibleRoomVersion(_))), "{refused:?}");
+    // Only for users of the asking server.
+    let alice = UserId::parse(&setup.alice.user_id).unwrap();
+    let version = rooms.room_version(&setup.room_id).unwrap();
+    assert!(matches!(
+        rooms.make_join(name, &setup.room_id, &alice, std::slice::from_ref(&version)),
+        Err(PeerError::Forbidden(_))
+    ));
+    let template =
+        rooms.make_join(name, &setup.room_id, &bob, std::slice::from_ref(&version)).unwrap();
+    assert_eq!(template.room_version, version);
+    let mut event = template.event;
+    event.insert(
+        "content".into(),
+        CanonicalJsonValue::Object(
+            [("membership".to_owned(), CanonicalJsonValue::String("join".into()))].into(),
+        ),
+    );
+    let event_id = setup.remote.key.hash_and_sign_pdu(&mut event, &version).unwrap();
+    let joined = rooms
+        .send_join(name, &setup.room_id, &event_id, event, &setup.transport.remote())
+        .await
+        .unwrap();
+    assert!(rooms.is_joined(&setup.room_id, &bob).unwrap());
+    assert_eq!(joined.event.get("sender"), Some(&CanonicalJsonValue::String(bob.to_string())));
+
+    // The state is the room's state before the join, complete with its auth chain, all signed.
+    let state_types: Vec<String> = joined
+        .state
+        .iter()
+        .filter_map(|pdu| match pdu.get("type") {
+            Some(CanonicalJsonValue::String(kind)) => Some(kind.clone()),
+            _ => None,
+        })
+        .collect();
+    for kind in ["m.room.create", "m.room.power_levels", "m.room.join_rules", "m.room.member"] {
+        assert!(state_types.iter().any(|have| have == kind), "{kind} missing: {state_types:?}");
+    }
+    let rules = version.rules().unwrap();
+    let keys = local_keys(&setup.server);
+    let mut known: Vec<OwnedEventId> = Vec::new();
+    for pdu in joined.state.iter().chain(joined.auth_chain.iter()) {
+        ruma::signatures::verify_event(&keys, pdu, &rules).expect("signed by the resident server");
+        known.push(federation::signing::event_id_of(pdu, &version).unwrap());
+    }
+    for pdu in joined.state.iter().chain(joined.auth_chain.iter()).chain([&joined.event]) {
+        let Some(CanonicalJsonValue::Array(auth)) = pdu.get("auth_events") else { continue };
+        for auth_id in auth {
+            let CanonicalJsonValue::String(auth_id) = auth_id else { panic!("{auth_id:?}") };
+            assert!(known.iter().any(|id| id.as_str() == auth_id), "{auth_id} not in the answer");
+        }
+    }
+
+    // The joined server may now read the room and its history.
+    let state_ids = rooms.state_ids_for_server(name, &setup.room_id, &event_id).unwrap();
+    assert_eq!(state_ids.pdus.len(), joined.state.len());
+    let message = setup.alice.send_text(setup.room_id.as_str(), "welcome").await;
+    let message = OwnedEventId::try_from(message).unwrap();
+    let served = rooms.event_for_server(name, &message).unwrap();
+    assert_eq!(served.get("event_id"), None, "room version 11 PDUs carry no event id");
+    let backfill =
+        rooms.backfill_for_server(name, &setup.room_id, std::slice::from_ref(&message), 3).unwrap();
+    assert_eq!(backfill.len(), 3);
+    assert_eq!(federation::signing::event_id_of(&backfill[0], &version).unwrap(), message);
+    assert_eq!(federation::signing::event_id_of(&backfill[1], &version).unwrap(), event_id);
+    let missing = rooms
+        .missing_events_for_server(
+            name,
+            &setup.room_id,
+            std::slice::from_ref(&event_id),
+            std::slice::from_ref(&message),
+            10,
+            0,
+        )
+        .unwrap();
+    assert!(missing.is_empty(), "the join is the message's only prev event");
+    let auth = rooms.event_auth_for_server(name, &setup.room_id, &message).unwrap();
+    assert!(auth.iter().any(|pdu| pdu.get("type") == Some(&CanonicalJsonValue::String("m.room.create".into()))));
+
+    // A server with nobody in the (non world-readable) room may not.
+    let other = OwnedServerName::try_from("other.test").unwrap();
+    assert!(matches!(rooms.event_for_server(&other, &message), Err(PeerError::Forbidden(_))));
+
+    // Leaving through make_leave/send_leave.
+    let template = rooms.make_leave(name, &setup.room_id, &bob).unwrap();
+    let mut leave = template.event;
+    let leave_id = setup.remote.key.hash_and_sign_pdu(&mut leave, &version).unwrap();
+    rooms
+        .send_leave(name, &setup.room_id, &leave_id, leave, &setup.transport.remote())
+        .await
+        .unwrap();
+    assert!(!rooms.is_joined(&setup.room_id, &bob).unwrap());
+    let sync = setup.alice.sync(None, 0).await;
+    assert!(timeline_has(&sync, setup.room_id.as_str(), leave_id.as_str()), "{sync}");
+}
+
+#[tokio::test]
+async fn joins_the_room_does_not_allow_are_refused() {
+    let setup = Setup::new("private_chat").await;
+    let rooms = setup.rooms();
+    let bob = UserId::parse(setup.remote.user("bob")).unwrap();
+    let version = rooms.room_version(&setup.room_id).unwrap();
+    let refused =
+        rooms.make_join(&setup.remote.name, &setup.room_id, &bob, std::slice::from_ref(&version));
+    assert!(matches!(refused, Err(PeerError::Forbidden(_))), "{refused:?}");
+    // A join built by hand anyway is refused by the auth rules.
+    let mut event = to_canonical(setup.draft(
+        bob.as_str(),
+        "m.room.member",
+        Some(bob.as_str()),
+        json!({"membership": "join"}),
+    ))
+    .unwrap();
+    let event_id = setup.remote.key.hash_and_sign_pdu(&mut event, &version).unwrap();
+    let result = rooms
+        .send_join(&setup.remote.name, &setup.room_id, &event_id, event, &setup.transport.remote())
+        .await;
+    assert!(matches!(result, Err(PeerError::Ingest(_))), "{result:?}");
+    assert!(!rooms.is_joined(&setup.room_id, &bob).unwrap());
+}
+
+#[tokio::test]
+async fn invites_from_remote_servers_reach_the_invitee() {
+    let setup = Setup::new("public_chat").await;
+    let rooms = setup.rooms();
+    let carol = setup.server.register("carol").await;
+    let room_id = OwnedRoomId::try_from("!elsewhere:remote.test").unwrap();
+    let bob = setup.remote.user("bob");
+    let invite = json!({
+        "room_id": room_id,
+        "sender": bob,
+        "type": "m.room.member",
+        "state_key": carol.user_id,
+        "content": {"membership": "invite"},
+        "prev_events": ["$prevprevprevprevprevprevprevprevprevprevpre"],
+        "auth_events": [],
+        "depth": 5,
+        "origin_server_ts": MilliSecondsSinceUnixEpoch::now(),
+    });
+    let version = ruma::RoomVersionId::V11;
+    let mut event = to_canonical(invite).unwrap();
+    let event_id = setup.remote.key.hash_and_sign_pdu(&mut event, &version).unwrap();
+    let stripped = vec![
+        json!({"type": "m.room.name", "state_key": "", "sender": bob, "content": {"name": "Elsewhere"}}),
+    ];
+    let signed = rooms
+        .receive_invite(
+            &setup.remote.name,
+            &room_id,
+            &event_id,
+            &version,
+            event.clone(),
+            stripped.clone(),
+            &setup.transport.remote(),
+        )
+        .await
+        .unwrap();
+    // Countersigned by this server, and still verifying for the inviting one.
+    let mut keys = local_keys(&setup.server);
+    keys.insert(
+        setup.remote.name.to_string(),
+        BTreeMap::from([(
+            setup.remote.key.key_id(),
+            Base64::parse(setup.remote.key.public_key_base64()).unwrap(),
+        )]),
+    );
+    assert_eq!(
+        ruma::signatures::verify_event(&keys, &signed, &version.rules().unwrap()).unwrap(),
+        ruma::signatures::Verified::All
+    );
+    assert!(
+        matches!(signed.get("signatures"), Some(CanonicalJsonValue::Object(map)) if map.contains_key(setup.server.server_name.as_str()))
+    );
+    let sync = carol.sync(None, 0).await;
+    let invite_state = &sync["rooms"]["invite"][room_id.as_str()]["invite_state"]["events"];
+    let events = invite_state.as_array().unwrap_or_else(|| panic!("no invite: {sync}"));
+    assert!(events.iter().any(|event| event["content"]["name"] == "Elsewhere"), "{sync}");
+    assert!(events.iter().any(|event| event["event_id"] == event_id.as_str()), "{sync}");
+
+    // An invite with a forged signature, or for someone of another server, is refused.
+    let forger = RemoteServer::new("remote.test");
+    let mut forged = event.clone();
+    forged.remove("signatures");
+    forged.remove("hashes");
+    let forged_id = forger.key.hash_and_sign_pdu(&mut forged, &version).unwrap();
+    let result = rooms
+        .receive_invite(
+            &setup.remote.name,
+            &room_id,
+            &forged_id,
+            &version,
+            forged,
+            Vec::new(),
+            &setup.transport.remote(),
+        )
+        .await;
+    assert!(matches!(result, Err(PeerError::Ingest(IngestError::Signature(_)))), "{result:?}");
 }
