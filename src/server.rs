@@ -15,7 +15,7 @@ use crate::{
     e2ee::E2ee,
     ephemeral::Ephemeral,
     notify::Notifier,
-    rooms::Rooms,
+    rooms::{Rooms, ingest::Remote},
 };
 
 /// Why the server could not start or stopped with an error.
@@ -91,6 +91,7 @@ impl Server {
             e2ee,
             uia: UiaSessions::default(),
             notifier,
+            remote: Remote::local_only(&signing_key),
             signing_key,
         };
         Ok(Self { state, listener, db })

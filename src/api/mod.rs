@@ -4,16 +4,17 @@
 pub mod client;
 pub mod error;
 pub mod extract;
+pub mod federation;
 pub mod uia;
 
 use std::{sync::Arc, time::Duration};
 
+use ::federation::ServerSigningKey;
 use axum::{
     Router,
     extract::FromRef,
     http::{Method, header},
 };
-use federation::ServerSigningKey;
 use tower_http::{
     compression::CompressionLayer,
     cors::{Any, CorsLayer},
@@ -22,7 +23,7 @@ use tower_http::{
 
 use crate::{
     account_data::AccountData, accounts::Accounts, config::Config, e2ee::E2ee,
-    ephemeral::Ephemeral, notify::Notifier, rooms::Rooms,
+    ephemeral::Ephemeral, notify::Notifier, rooms::Rooms, rooms::ingest::Remote,
 };
 
 /// The router state. Handlers take the components they use (`State<Rooms>`), not all of it.
@@ -46,6 +47,8 @@ pub struct AppState {
     pub notifier: Notifier,
     /// The server's signing key.
     pub signing_key: Arc<ServerSigningKey>,
+    /// What the room core needs from the federation transport (keys, remote events).
+    pub remote: Remote,
 }
 
 /// The whole HTTP application.
@@ -62,6 +65,7 @@ pub fn router(state: AppState) -> Router {
         .max_age(Duration::from_secs(86400));
     let max_request_bytes = state.config.max_request_bytes;
     client::routes()
+        .merge(federation::routes())
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_request_bytes))

@@ -834,3 +834,35 @@ async fn invites_from_remote_servers_reach_the_invitee() {
         .await;
     assert!(matches!(result, Err(PeerError::Ingest(IngestError::Signature(_)))), "{result:?}");
 }
+
+#[tokio::test]
+async fn federation_endpoints_trust_no_unverified_origin() {
+    let setup = Setup::new("public_chat").await;
+    let client = setup.server.client();
+    let room = enc(setup.room_id.as_str());
+    let bob = enc(&setup.remote.user("bob"));
+    let requests: Vec<(reqwest::Method, String)> = vec![
+        (reqwest::Method::PUT, "/_matrix/federation/v1/send/txn1".into()),
+        (reqwest::Method::GET, "/_matrix/federation/v1/event/$abc".into()),
+        (reqwest::Method::GET, format!("/_matrix/federation/v1/state/{room}?event_id=$abc")),
+        (reqwest::Method::GET, format!("/_matrix/federation/v1/state_ids/{room}?event_id=$abc")),
+        (reqwest::Method::GET, format!("/_matrix/federation/v1/event_auth/{room}/$abc")),
+        (reqwest::Method::GET, format!("/_matrix/federation/v1/backfill/{room}?v=$abc&limit=5")),
+        (reqwest::Method::POST, format!("/_matrix/federation/v1/get_missing_events/{room}")),
+        (reqwest::Method::GET, format!("/_matrix/federation/v1/make_join/{room}/{bob}?ver=11")),
+        (reqwest::Method::PUT, format!("/_matrix/federation/v2/send_join/{room}/$abc")),
+        (reqwest::Method::GET, format!("/_matrix/federation/v1/make_leave/{room}/{bob}")),
+        (reqwest::Method::PUT, format!("/_matrix/federation/v2/send_leave/{room}/$abc")),
+        (reqwest::Method::PUT, format!("/_matrix/federation/v2/invite/{room}/$abc")),
+    ];
+    for (method, path) in requests {
+        let answer = client
+            .request_raw(
+                method.clone(),
+                &path,
+                Some(br#"{"origin": "remote.test", "pdus": []}"#.to_vec()),
+            )
+            .await;
+        crate::harness::assert_error(&answer, 401, "M_UNAUTHORIZED");
+    }
+}
