@@ -880,7 +880,8 @@ impl Rooms {
         Ok(pdu.to_client(&version, redacted_because, unsigned))
     }
 
-    /// Loads an event with its metadata and renders it for a viewer.
+    /// Loads an event with its metadata and renders it for a viewer. Soft-failed events are
+    /// never shown to clients.
     pub fn client_event_by_id(
         &self,
         event_id: &EventId,
@@ -889,6 +890,9 @@ impl Rooms {
         let (Some(pdu), Some(meta)) = (self.pdu(event_id)?, self.meta(event_id)?) else {
             return Ok(None);
         };
+        if meta.soft_failed {
+            return Ok(None);
+        }
         let value = self.client_event(&pdu, Some(&meta), viewer)?;
         Ok(Some((pdu, meta, value)))
     }

@@ -505,6 +505,16 @@ async fn events_of_a_user_banned_since_are_soft_failed() {
     assert!(!timeline_has(&sync, setup.room_id.as_str(), late_id.as_str()), "{sync}");
     let messages = setup.alice.messages(setup.room_id.as_str(), "dir=b&limit=20").await;
     assert!(!bodies(messages["chunk"].as_array().unwrap()).contains(&"after the ban".to_owned()));
+    let single = setup
+        .alice
+        .client
+        .get(&format!(
+            "/_matrix/client/v3/rooms/{}/event/{}",
+            enc(setup.room_id.as_str()),
+            enc(late_id.as_str())
+        ))
+        .await;
+    crate::harness::assert_error(&single, 404, "M_NOT_FOUND");
     let membership = assert_ok(
         setup.alice.client.get(&state_path(setup.room_id.as_str(), "m.room.member", &bob)).await,
     );
