@@ -120,6 +120,7 @@ impl Server {
             key_backup,
             uia: UiaSessions::default(),
             notifier,
+            remote: crate::remote::over_federation(federation.clone()),
             signing_key,
             federation,
         };
@@ -140,6 +141,11 @@ impl Server {
     /// The accounts component (for the first-start notice).
     pub fn accounts(&self) -> &Accounts {
         &self.state.accounts
+    }
+
+    /// The room core (tests feed it remote PDUs directly, where the transport would).
+    pub fn rooms(&self) -> &Rooms {
+        &self.state.rooms
     }
 
     /// Serves until `shutdown` resolves, then finishes in-flight requests and flushes the

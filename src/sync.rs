@@ -526,6 +526,10 @@ fn invited_room(
     record: &MembershipRecord,
 ) -> Result<Value, ApiError> {
     let mut events = Vec::new();
+    // An invite over federation to a room this server is not in: the inviting server's
+    // stripped state stands in for the room's.
+    let remote_state = record.invite_state.as_deref().unwrap_or_default();
+    events.extend(remote_state.iter().cloned());
     for kind in [
         "m.room.create",
         "m.room.join_rules",

@@ -107,6 +107,23 @@ impl ServerSigningKey {
         event_id_of(pdu, room_version)
     }
 
+    /// Adds this server's signature to a PDU that others created and signed, as a resident or
+    /// invited server countersigns (an invite, a restricted join).
+    pub fn sign_pdu(
+        &self,
+        pdu: &mut CanonicalJsonObject,
+        room_version: &RoomVersionId,
+    ) -> Result<(), Error> {
+        let rules = rules_for(room_version)?;
+        ruma::signatures::sign_event(
+            self.server_name.as_str(),
+            &self.key_pair,
+            pdu,
+            &rules.redaction,
+        )?;
+        Ok(())
+    }
+
     /// Signs an arbitrary JSON object (used for key responses and requests).
     pub fn sign_json(&self, object: &mut CanonicalJsonObject) -> Result<(), Error> {
         ruma::signatures::sign_json(self.server_name.as_str(), &self.key_pair, object)?;

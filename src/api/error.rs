@@ -227,6 +227,37 @@ impl From<crate::rooms::RoomError> for ApiError {
     }
 }
 
+impl From<crate::rooms::ingest::IngestError> for ApiError {
+    fn from(error: crate::rooms::ingest::IngestError) -> Self {
+        use crate::rooms::ingest::IngestError;
+        match error {
+            IngestError::UnknownRoom => Self::not_found("Room not found"),
+            IngestError::Malformed(reason) => Self::bad_json(reason),
+            IngestError::Room(source) => source.into(),
+            refused => Self::forbidden(refused.to_string()),
+        }
+    }
+}
+
+impl From<crate::rooms::peers::PeerError> for ApiError {
+    fn from(error: crate::rooms::peers::PeerError) -> Self {
+        use crate::rooms::peers::PeerError;
+        match error {
+            PeerError::NotFound => Self::not_found("Not found"),
+            PeerError::Forbidden(reason) => Self::forbidden(reason),
+            PeerError::IncompatibleRoomVersion(version) => Self::new(
+                StatusCode::BAD_REQUEST,
+                "M_INCOMPATIBLE_ROOM_VERSION",
+                format!("The room's version {version} is not one the server supports"),
+            )
+            .with("room_version", version.to_string()),
+            PeerError::BadEvent(reason) => Self::bad_json(reason),
+            PeerError::Ingest(source) => source.into(),
+            PeerError::Room(source) => source.into(),
+        }
+    }
+}
+
 impl From<crate::e2ee::E2eeError> for ApiError {
     fn from(error: crate::e2ee::E2eeError) -> Self {
         use crate::e2ee::E2eeError;

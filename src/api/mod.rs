@@ -24,6 +24,7 @@ use tower_http::{
 use crate::{
     account_data::AccountData, accounts::Accounts, config::Config, e2ee::E2ee,
     ephemeral::Ephemeral, key_backup::KeyBackup, notify::Notifier, rooms::Rooms,
+    rooms::ingest::Remote,
 };
 
 /// The router state. Handlers take the components they use (`State<Rooms>`), not all of it.
@@ -51,6 +52,8 @@ pub struct AppState {
     pub signing_key: Arc<ServerSigningKey>,
     /// The federation client: outbound requests, server keys, inbound X-Matrix checks.
     pub federation: ::federation::Client,
+    /// What the room core needs from the federation transport (keys, remote events).
+    pub remote: Remote,
 }
 
 /// The whole HTTP application.

@@ -8,8 +8,10 @@
 
 pub mod create;
 pub mod directory;
+pub mod ingest;
 pub mod membership;
 pub mod pdu;
+pub mod peers;
 pub mod state;
 
 use std::{
@@ -103,6 +105,15 @@ pub struct EventMeta {
     /// The redaction that redacted it, if any.
     #[serde(default)]
     pub redacted_by: Option<OwnedEventId>,
+    /// A remote event that passed the auth rules at its place in the DAG but not against the
+    /// room's current state: stored, but neither in the timeline nor a forward extremity
+    /// ([soft failure](https://spec.matrix.org/v1.16/server-server-api/#soft-failure)).
+    #[serde(default)]
+    pub soft_failed: bool,
+    /// The room's current state after this event was accepted, when it differs from
+    /// `state_after` (the DAG had other forward extremities whose state was resolved in).
+    #[serde(default)]
+    pub current_after: Option<u64>,
 }
 
 /// A user's membership in a room, as indexed for lookups.
@@ -117,6 +128,10 @@ pub struct MembershipRecord {
     /// Whether the user forgot the room.
     #[serde(default)]
     pub forgotten: bool,
+    /// For an invite to a room this server is not in: the stripped state the inviting server
+    /// sent, shown in `/sync`'s invite section.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invite_state: Option<Vec<Value>>,
 }
 
 /// An event a local user wants to send.
@@ -453,20 +468,18 @@ impl Rooms {
         self.append_locked(&mut room, Some(room_id), sender, event, transaction)
     }
 
-    /// Builds, authorizes and persists an event while the room lock is held.
-    ///
-    /// `room_id` is `None` only for the create event of a room version whose room id is derived
-    /// from that event (version 12 and later).
-    fn append_locked(
+    /// An unsigned event of `sender` that follows the room's forward extremities, with
+    /// `auth_events` chosen from the current state: the body of a local event before it is
+    /// hashed and signed, and the template `make_join`/`make_leave` hand to a remote server.
+    fn event_template(
         &self,
-        room: &mut RoomRecord,
+        room: &RoomRecord,
         room_id: Option<&RoomId>,
         sender: &UserId,
-        event: NewEvent,
-        transaction: Option<Transaction>,
-    ) -> Result<Appended, RoomError> {
-        let version = room.room_version.clone();
-        let rules = federation::signing::rules_for(&version)?;
+        event: &NewEvent,
+        origin: &ruma::ServerName,
+    ) -> Result<CanonicalJsonObject, RoomError> {
+        let rules = federation::signing::rules_for(&room.room_version)?;
         let kind = TimelineEventType::from(event.kind.clone());
         let content_raw = serde_json::value::to_raw_value(&event.content)
             .map_err(|error| RoomError::BadEvent(error.to_string()))?;
@@ -517,7 +530,7 @@ impl Rooms {
             object["room_id"] = json!(room_id);
         }
         if rules.redaction.keep_origin_membership_prev_state {
-            object["origin"] = json!(self.server_name());
+            object["origin"] = json!(origin);
         }
         if let Some(state_key) = &event.state_key {
             object["state_key"] = json!(state_key);
@@ -529,13 +542,32 @@ impl Rooms {
                 object["redacts"] = json!(redacts);
             }
         }
-        let CanonicalJsonValue::Object(mut canonical) =
+        let CanonicalJsonValue::Object(canonical) =
             ruma::canonical_json::to_canonical_value(object).map_err(|error| {
                 RoomError::BadEvent(format!("event is not canonical JSON: {error}"))
             })?
         else {
             return Err(RoomError::BadEvent("event is not an object".into()));
         };
+        Ok(canonical)
+    }
+
+    /// Builds, authorizes and persists an event while the room lock is held.
+    ///
+    /// `room_id` is `None` only for the create event of a room version whose room id is derived
+    /// from that event (version 12 and later).
+    fn append_locked(
+        &self,
+        room: &mut RoomRecord,
+        room_id: Option<&RoomId>,
+        sender: &UserId,
+        event: NewEvent,
+        transaction: Option<Transaction>,
+    ) -> Result<Appended, RoomError> {
+        let version = room.room_version.clone();
+        let rules = federation::signing::rules_for(&version)?;
+        let mut canonical =
+            self.event_template(room, room_id, sender, &event, self.server_name())?;
         // The spec caps PDUs at 65536 bytes of canonical JSON, signatures included; leave room
         // for the hash and signature this server adds.
         let size = serde_json::to_vec(&canonical).map(|bytes| bytes.len()).unwrap_or(usize::MAX);
@@ -601,13 +633,6 @@ impl Rooms {
         let db = self.db();
         let room_id = &pdu.room_id;
         let short = db.next_short(batch)?;
-        batch.put_raw(
-            PDUS,
-            pdu.event_id.as_bytes(),
-            &serde_json::to_vec(&pdu.json).map_err(storage::Error::Encode)?,
-        )?;
-        batch.put_raw("event_id_to_short", pdu.event_id.as_bytes(), &keys::encode_u64(short))?;
-        batch.put_raw("short_to_event_id", &keys::encode_u64(short), pdu.event_id.as_bytes())?;
         let state_before = room.current_snapshot;
         let mut state_after = state_before;
         if let Some(state_key) = &pdu.state_key {
@@ -622,38 +647,7 @@ impl Rooms {
                 short,
             )?;
             state_after = Some(snapshot);
-            let key = keys::join(&[room_id.as_bytes(), kind.as_bytes(), state_key.as_bytes()]);
-            batch.put(CURRENT_STATE, &key, &pdu.event_id)?;
-            if let (Some(membership), Ok(user_id)) =
-                (pdu.membership(), UserId::parse(state_key.as_str()))
-            {
-                // A member event that keeps the membership (a profile change) does not move the
-                // position at which the membership began: sync keys "newly joined" off it.
-                let user_room = keys::join(&[user_id.as_bytes(), room_id.as_bytes()]);
-                let previous = db.get::<MembershipRecord>(USER_ROOMS, &user_room)?;
-                let (position, forgotten) = match previous {
-                    Some(previous) if previous.membership == membership => {
-                        (previous.position, previous.forgotten)
-                    }
-                    _ => (position, false),
-                };
-                let record = MembershipRecord {
-                    membership,
-                    event_id: pdu.event_id.clone(),
-                    position,
-                    forgotten,
-                };
-                batch.put(
-                    USER_ROOMS,
-                    &keys::join(&[user_id.as_bytes(), room_id.as_bytes()]),
-                    &record,
-                )?;
-                batch.put(
-                    ROOM_USERS,
-                    &keys::join(&[room_id.as_bytes(), user_id.as_bytes()]),
-                    &record,
-                )?;
-            }
+            self.index_current_state(batch, room_id, &kind, state_key, Some(pdu), position)?;
         }
         let meta = EventMeta {
             room_id: room_id.clone(),
@@ -663,15 +657,44 @@ impl Rooms {
             state_after,
             transaction: transaction.map(|(_, txn)| (txn.device_id.clone(), txn.txn_id.clone())),
             redacted_by: None,
+            soft_failed: false,
+            current_after: None,
         };
-        batch.put(METAS, pdu.event_id.as_bytes(), &meta)?;
-        batch.put(TIMELINE, &timeline_key(room_id, position), &pdu.event_id)?;
+        self.write_event_rows(batch, pdu, &meta, true, true)?;
         if let Some((user_id, txn)) = transaction {
             let key =
                 keys::join(&[user_id.as_bytes(), txn.device_id.as_bytes(), txn.txn_id.as_bytes()]);
             batch.put(TXNS, &key, &pdu.event_id)?;
         }
-        if let Some(redacts) = &pdu.redacts
+        room.forward_extremities = vec![pdu.event_id.clone()];
+        room.depth = room.depth.max(pdu.depth);
+        room.current_snapshot = state_after;
+        room.last_position = position;
+        batch.put(ROOMS, room_id.as_bytes(), room)?;
+        Ok(())
+    }
+
+    /// Writes the rows of one event: its PDU, short id, metadata, timeline entry (when
+    /// `in_timeline`), relation and, for a redaction that takes effect, the mark on the
+    /// redacted event.
+    fn write_event_rows(
+        &self,
+        batch: &mut Batch<'_>,
+        pdu: &Pdu,
+        meta: &EventMeta,
+        in_timeline: bool,
+        apply_redaction: bool,
+    ) -> Result<(), storage::Error> {
+        let db = self.db();
+        let room_id = &pdu.room_id;
+        self.write_pdu_rows(batch, pdu, meta.short)?;
+        batch.put(METAS, pdu.event_id.as_bytes(), meta)?;
+        if in_timeline {
+            batch.put(TIMELINE, &timeline_key(room_id, meta.position), &pdu.event_id)?;
+        }
+        if in_timeline
+            && apply_redaction
+            && let Some(redacts) = &pdu.redacts
             && let Some(mut target) = db.get::<EventMeta>(METAS, redacts.as_bytes())?
             && target.room_id == *room_id
             && target.redacted_by.is_none()
@@ -679,17 +702,76 @@ impl Rooms {
             target.redacted_by = Some(pdu.event_id.clone());
             batch.put(METAS, redacts.as_bytes(), &target)?;
         }
-        if let Some(relates_to) = pdu.content_value().get("m.relates_to")
+        if in_timeline
+            && let Some(relates_to) = pdu.content_value().get("m.relates_to")
             && let Some(parent) = relates_to.get("event_id").and_then(Value::as_str)
         {
             let key = keys::join(&[parent.as_bytes(), pdu.event_id.as_bytes()]);
             batch.put(RELATIONS, &key, &relates_to.get("rel_type"))?;
         }
-        room.forward_extremities = vec![pdu.event_id.clone()];
-        room.depth = room.depth.max(pdu.depth);
-        room.current_snapshot = state_after;
-        room.last_position = position;
-        batch.put(ROOMS, room_id.as_bytes(), room)?;
+        Ok(())
+    }
+
+    /// Writes a PDU and its short id (both ways): all an outlier gets.
+    fn write_pdu_rows(
+        &self,
+        batch: &mut Batch<'_>,
+        pdu: &Pdu,
+        short: u64,
+    ) -> Result<(), storage::Error> {
+        batch.put_raw(
+            PDUS,
+            pdu.event_id.as_bytes(),
+            &serde_json::to_vec(&pdu.json).map_err(storage::Error::Encode)?,
+        )?;
+        batch.put_raw("event_id_to_short", pdu.event_id.as_bytes(), &keys::encode_u64(short))?;
+        batch.put_raw("short_to_event_id", &keys::encode_u64(short), pdu.event_id.as_bytes())?;
+        Ok(())
+    }
+
+    /// Makes `pdu` the current state event `(kind, state_key)` (or removes the entry when
+    /// `pdu` is `None`), and keeps the membership indexes in step.
+    fn index_current_state(
+        &self,
+        batch: &mut Batch<'_>,
+        room_id: &RoomId,
+        kind: &str,
+        state_key: &str,
+        pdu: Option<&Pdu>,
+        position: u64,
+    ) -> Result<(), storage::Error> {
+        let db = self.db();
+        let key = keys::join(&[room_id.as_bytes(), kind.as_bytes(), state_key.as_bytes()]);
+        let Some(pdu) = pdu else {
+            batch.delete(CURRENT_STATE, &key)?;
+            return Ok(());
+        };
+        batch.put(CURRENT_STATE, &key, &pdu.event_id)?;
+        if let (Some(membership), Ok(user_id)) = (pdu.membership(), UserId::parse(state_key)) {
+            // A member event that keeps the membership (a profile change) does not move the
+            // position at which the membership began: sync keys "newly joined" off it.
+            let user_room = keys::join(&[user_id.as_bytes(), room_id.as_bytes()]);
+            let previous = db.get::<MembershipRecord>(USER_ROOMS, &user_room)?;
+            let (position, forgotten) = match previous {
+                Some(previous) if previous.membership == membership => {
+                    (previous.position, previous.forgotten)
+                }
+                _ => (position, false),
+            };
+            let record = MembershipRecord {
+                membership,
+                event_id: pdu.event_id.clone(),
+                position,
+                forgotten,
+                invite_state: None,
+            };
+            batch.put(USER_ROOMS, &user_room, &record)?;
+            batch.put(
+                ROOM_USERS,
+                &keys::join(&[room_id.as_bytes(), user_id.as_bytes()]),
+                &record,
+            )?;
+        }
         Ok(())
     }
 
@@ -798,7 +880,8 @@ impl Rooms {
         Ok(pdu.to_client(&version, redacted_because, unsigned))
     }
 
-    /// Loads an event with its metadata and renders it for a viewer.
+    /// Loads an event with its metadata and renders it for a viewer. Soft-failed events are
+    /// never shown to clients.
     pub fn client_event_by_id(
         &self,
         event_id: &EventId,
@@ -807,6 +890,9 @@ impl Rooms {
         let (Some(pdu), Some(meta)) = (self.pdu(event_id)?, self.meta(event_id)?) else {
             return Ok(None);
         };
+        if meta.soft_failed {
+            return Ok(None);
+        }
         let value = self.client_event(&pdu, Some(&meta), viewer)?;
         Ok(Some((pdu, meta, value)))
     }
@@ -845,7 +931,9 @@ impl Rooms {
         let events =
             self.timeline(room_id, position.saturating_add(1), None, Direction::Backward, 1)?;
         match events.first() {
-            Some((_, event_id)) => Ok(self.meta(event_id)?.and_then(|meta| meta.state_after)),
+            Some((_, event_id)) => {
+                Ok(self.meta(event_id)?.and_then(|meta| meta.current_after.or(meta.state_after)))
+            }
             None => Ok(None),
         }
     }

@@ -62,7 +62,8 @@ pub fn state_key_short(
     Ok(db.get_raw(STATE_KEY_TO_SHORT, &key)?.as_deref().and_then(keys::decode_u64))
 }
 
-fn state_key_short_or_new(
+/// The short id of a (type, state_key) pair, allocated in `batch` when it has none yet.
+pub fn state_key_short_or_new(
     db: &Db,
     batch: &mut Batch<'_>,
     kind: &str,
@@ -149,6 +150,41 @@ pub fn add_to_snapshot(
     batch.put(SNAPSHOTS, &keys::encode_u64(id), &snapshot)?;
     cache.put(id, Arc::new(full));
     Ok(id)
+}
+
+/// Writes a snapshot holding exactly `full`: a delta against `parent` when `full` only adds to
+/// or replaces entries of it, a full copy otherwise (or when the chain is long).
+pub fn write_snapshot(
+    db: &Db,
+    cache: &SnapshotCache,
+    batch: &mut Batch<'_>,
+    parent: Option<u64>,
+    full: ShortState,
+) -> Result<u64, storage::Error> {
+    let id = db.next_short(batch)?;
+    let base = load_snapshot(db, cache, parent)?;
+    let parent_depth = match parent {
+        Some(parent) => {
+            db.get::<Snapshot>(SNAPSHOTS, &keys::encode_u64(parent))?.map(|s| s.depth).unwrap_or(0)
+        }
+        None => 0,
+    };
+    let removes = base.keys().any(|key| !full.contains_key(key));
+    let snapshot = if parent.is_none() || removes || parent_depth + 1 >= FULL_EVERY {
+        Snapshot { parent: None, depth: 0, changes: full.iter().map(|(k, v)| (*k, *v)).collect() }
+    } else {
+        let changes =
+            full.iter().filter(|(k, v)| base.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
+        Snapshot { parent, depth: parent_depth + 1, changes }
+    };
+    batch.put(SNAPSHOTS, &keys::encode_u64(id), &snapshot)?;
+    cache.put(id, Arc::new(full));
+    Ok(id)
+}
+
+/// The short id of an event, if it has one.
+pub fn short_of_event(db: &Db, event_id: &ruma::EventId) -> Result<Option<u64>, storage::Error> {
+    Ok(db.get_raw("event_id_to_short", event_id.as_bytes())?.as_deref().and_then(keys::decode_u64))
 }
 
 /// The state of a snapshot with full keys and event ids.

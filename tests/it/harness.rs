@@ -14,6 +14,8 @@ pub(crate) struct TestServer {
     pub(crate) data_dir: PathBuf,
     /// The TLS listener's address, when `HEARTH_TLS_LISTEN` was set.
     pub(crate) tls_address: Option<SocketAddr>,
+    /// The room core, for tests that stand in for a remote server's transport.
+    pub(crate) rooms: hearth::rooms::Rooms,
     _temp: Option<tempfile::TempDir>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
@@ -49,6 +51,7 @@ impl TestServer {
         let server = Server::bind(config).await.expect("server starts");
         let address = server.local_addr().expect("bound address");
         let tls_address = server.tls_local_addr().map(|address| address.expect("TLS address"));
+        let rooms = server.rooms().clone();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -63,6 +66,7 @@ impl TestServer {
             server_name,
             data_dir,
             tls_address,
+            rooms,
             _temp: None,
             stop: Some(stop),
             task: Some(task),

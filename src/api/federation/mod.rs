@@ -1,10 +1,15 @@
-//! The server-server API: the routes peers call, and the X-Matrix check that runs before
-//! every `/_matrix/federation/*` handler except `version`.
+//! The server-server API, one module per spec section: the routes peers call, and the
+//! X-Matrix check that runs before every `/_matrix/federation/*` handler except `version`.
+//! Handlers never trust a server name they were told: the origin comes from
+//! [`XMatrixOrigin`], which only the check provides.
 //!
 //! [Server-server API](https://spec.matrix.org/v1.16/server-server-api/)
 
+pub mod events;
 pub mod keys;
+pub mod membership;
 pub mod query;
+pub mod transactions;
 
 use axum::{
     Json, Router,
@@ -27,6 +32,9 @@ use crate::api::{
 pub fn routes(state: AppState) -> Router<AppState> {
     let authenticated = Router::new()
         .merge(query::routes())
+        .merge(transactions::routes())
+        .merge(events::routes())
+        .merge(membership::routes())
         .route_layer(middleware::from_fn_with_state(state, verify_x_matrix));
     Router::new()
         .route("/_matrix/federation/v1/version", get(version))
@@ -85,4 +93,9 @@ async fn verify_x_matrix(
         .map_err(XMatrixError)?;
     parts.extensions.insert(XMatrixOrigin(origin));
     Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await)
+}
+
+/// `origin_server_ts` for responses.
+fn now() -> ruma::MilliSecondsSinceUnixEpoch {
+    ruma::MilliSecondsSinceUnixEpoch::now()
 }

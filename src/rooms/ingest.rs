@@ -1,0 +1,1039 @@
+//! Receiving events from other servers: the checks the spec orders on receipt of a PDU,
+//! state before the event (resolved with state resolution v2 where the DAG forks), soft
+//! failure, and persisting with forward extremities and current state kept in step.
+//!
+//! [Checks performed on receipt of a PDU](https://spec.matrix.org/v1.16/server-server-api/#checks-performed-on-receipt-of-a-pdu)
+//!
+//! What this needs from the transport (verify keys of a server, events fetched from a server)
+//! comes through the [`ServerKeys`] and [`RemoteEvents`] traits, so this module knows nothing
+//! of HTTP, request signing or key caching.
+
+use std::{
+    collections::{BTreeMap, HashMap, HashSet},
+    sync::Arc,
+};
+
+use futures::future::BoxFuture;
+use ruma::{
+    CanonicalJsonObject, CanonicalJsonValue, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId,
+    OwnedServerName, RoomId, RoomVersionId, ServerName, UInt,
+    events::{StateEventType, TimelineEventType},
+    room_version_rules::RoomVersionRules,
+    serde::Base64,
+    signatures::Verified,
+    state_res::{StateMap, utils::event_id_set::EventIdSet},
+};
+use serde_json::Value;
+use storage::Batch;
+use tracing::{Instrument, instrument};
+
+use super::{EventMeta, Pdu, ROOMS, RoomError, RoomRecord, Rooms, state};
+
+/// The most PDUs one `/send` transaction may carry ([transactions](https://spec.matrix.org/v1.16/server-server-api/#transactions)).
+pub const PDUS_PER_TRANSACTION_MAX: usize = 50;
+/// The most EDUs one `/send` transaction may carry.
+pub const EDUS_PER_TRANSACTION_MAX: usize = 100;
+/// The most events one `get_missing_events` call asks for when prev events are missing.
+pub const MISSING_EVENTS_MAX: usize = 50;
+/// The most auth events fetched (one by one) to check one received PDU.
+pub const AUTH_EVENTS_FETCHED_MAX: usize = 50;
+/// The most events an auth chain walk visits; a longer chain is an error, not a hang.
+pub const AUTH_CHAIN_EVENTS_MAX: usize = 100_000;
+
+/// The transport could not give what was asked (unreachable server, bad answer, no key).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RemoteError(pub String);
+
+/// The verify keys of servers: the transport fetches them (directly or through a notary),
+/// checks their self-signatures and caches them.
+pub trait ServerKeys: Send + Sync {
+    /// The ed25519 verify keys of `server` valid at `valid_at`, by key id (`ed25519:abc`):
+    /// current keys and old keys that were valid then.
+    fn verify_keys<'a>(
+        &'a self,
+        server: &'a ServerName,
+        valid_at: MilliSecondsSinceUnixEpoch,
+    ) -> BoxFuture<'a, Result<BTreeMap<String, Base64>, RemoteError>>;
+}
+
+/// Events fetched from another server, as signed PDUs that this module checks itself.
+pub trait RemoteEvents: Send + Sync {
+    /// `GET /_matrix/federation/v1/event/{eventId}` on `server`: the one PDU.
+    fn get_event<'a>(
+        &'a self,
+        server: &'a ServerName,
+        event_id: &'a EventId,
+    ) -> BoxFuture<'a, Result<CanonicalJsonObject, RemoteError>>;
+
+    /// `POST /_matrix/federation/v1/get_missing_events/{roomId}` on `server`: up to `limit`
+    /// events between `earliest_events` (which we have) and `latest_events` (which we want to
+    /// connect), in any order.
+    fn get_missing_events<'a>(
+        &'a self,
+        server: &'a ServerName,
+        room_id: &'a RoomId,
+        earliest_events: &'a [OwnedEventId],
+        latest_events: &'a [OwnedEventId],
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<CanonicalJsonObject>, RemoteError>>;
+}
+
+/// What the room core needs from the transport to take part in federation.
+#[derive(Clone)]
+pub struct Remote {
+    /// Verify keys of servers.
+    pub keys: Arc<dyn ServerKeys>,
+    /// Events fetched from servers.
+    pub events: Arc<dyn RemoteEvents>,
+}
+
+impl Remote {
+    /// A view that knows only this server's own verify key and reaches no other server (every
+    /// fetch fails); the running server uses `crate::remote::over_federation`.
+    pub fn local_only(signing_key: &federation::ServerSigningKey) -> Self {
+        let own = Arc::new(LocalOnly {
+            server_name: signing_key.server_name().clone(),
+            keys: Base64::parse(signing_key.public_key_base64())
+                .map(|key| BTreeMap::from([(signing_key.key_id(), key)]))
+                .unwrap_or_default(),
+        });
+        Self { keys: own.clone(), events: own }
+    }
+}
+
+struct LocalOnly {
+    server_name: OwnedServerName,
+    keys: BTreeMap<String, Base64>,
+}
+
+impl ServerKeys for LocalOnly {
+    fn verify_keys<'a>(
+        &'a self,
+        server: &'a ServerName,
+        _valid_at: MilliSecondsSinceUnixEpoch,
+    ) -> BoxFuture<'a, Result<BTreeMap<String, Base64>, RemoteError>> {
+        let keys = (server == self.server_name).then(|| self.keys.clone());
+        Box::pin(async move {
+            keys.ok_or_else(|| {
+                RemoteError(format!("no federation transport to fetch keys of {server}"))
+            })
+        })
+    }
+}
+
+impl RemoteEvents for LocalOnly {
+    fn get_event<'a>(
+        &'a self,
+        server: &'a ServerName,
+        _event_id: &'a EventId,
+    ) -> BoxFuture<'a, Result<CanonicalJsonObject, RemoteError>> {
+        Box::pin(
+            async move { Err(RemoteError(format!("no federation transport to reach {server}"))) },
+        )
+    }
+
+    fn get_missing_events<'a>(
+        &'a self,
+        server: &'a ServerName,
+        _room_id: &'a RoomId,
+        _earliest_events: &'a [OwnedEventId],
+        _latest_events: &'a [OwnedEventId],
+        _limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<CanonicalJsonObject>, RemoteError>> {
+        Box::pin(
+            async move { Err(RemoteError(format!("no federation transport to reach {server}"))) },
+        )
+    }
+}
+
+/// Why a received PDU was dropped or rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    /// Not a valid PDU of its room version.
+    #[error("invalid event: {0}")]
+    Malformed(String),
+    /// The room is not one this server is in.
+    #[error("unknown room")]
+    UnknownRoom,
+    /// The signatures do not verify (or the keys could not be had).
+    #[error("bad signature: {0}")]
+    Signature(String),
+    /// An auth event could not be had.
+    #[error("missing auth events: {0}")]
+    MissingAuthEvents(String),
+    /// The event fails the auth rules against its own auth events.
+    #[error("not authorized by its auth events: {0}")]
+    AuthEvents(String),
+    /// Prev events are missing and could not be fetched.
+    #[error("missing prev events: {0}")]
+    MissingPrevEvents(String),
+    /// The states of the prev events could not be resolved.
+    #[error("state resolution failed: {0}")]
+    StateResolution(String),
+    /// The event fails the auth rules against the state before it.
+    #[error("not authorized by the state before it: {0}")]
+    StateBefore(String),
+    /// The room's server ACL denies the server.
+    #[error("server {0} is denied by the room's server ACL")]
+    ServerDenied(OwnedServerName),
+    /// Storage or a stored event failed.
+    #[error(transparent)]
+    Room(#[from] RoomError),
+}
+
+impl From<storage::Error> for IngestError {
+    fn from(error: storage::Error) -> Self {
+        Self::Room(RoomError::Storage(error))
+    }
+}
+
+/// What became of an accepted PDU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Accepted {
+    /// Persisted into the room's DAG, timeline and (for state) current state.
+    Persisted,
+    /// Persisted, but it fails against the current state: not in the timeline, not a
+    /// forward extremity.
+    SoftFailed,
+    /// Already known.
+    AlreadyKnown,
+}
+
+/// Why a whole transaction was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum TransactionError {
+    /// More than [`PDUS_PER_TRANSACTION_MAX`] PDUs.
+    #[error("a transaction carries at most {PDUS_PER_TRANSACTION_MAX} PDUs")]
+    TooManyPdus,
+    /// More than [`EDUS_PER_TRANSACTION_MAX`] EDUs.
+    #[error("a transaction carries at most {EDUS_PER_TRANSACTION_MAX} EDUs")]
+    TooManyEdus,
+}
+
+/// The per-PDU results of a transaction, as `/send` answers them.
+pub type TransactionResults = BTreeMap<OwnedEventId, Result<Accepted, IngestError>>;
+
+/// A PDU that passed the checks that need no room state: format, signatures, hash.
+struct Checked {
+    pdu: Pdu,
+    rules: RoomVersionRules,
+}
+
+impl Rooms {
+    /// Handles the PDUs of one `/send` transaction from `origin`, in order. EDUs are counted
+    /// for the limit only: typing, receipts and presence over federation are not handled here.
+    pub async fn receive_transaction(
+        &self,
+        origin: &ServerName,
+        txn_id: &str,
+        pdus: Vec<Value>,
+        edus_count: usize,
+        remote: &Remote,
+    ) -> Result<TransactionResults, TransactionError> {
+        if pdus.len() > PDUS_PER_TRANSACTION_MAX {
+            return Err(TransactionError::TooManyPdus);
+        }
+        if edus_count > EDUS_PER_TRANSACTION_MAX {
+            return Err(TransactionError::TooManyEdus);
+        }
+        let span = tracing::info_span!("transaction", %origin, txn_id, pdus = pdus.len());
+        async move {
+            let mut results = TransactionResults::new();
+            for value in pdus {
+                let Ok(CanonicalJsonValue::Object(json)) =
+                    ruma::canonical_json::to_canonical_value(value)
+                else {
+                    tracing::debug!("PDU is not a canonical JSON object: dropped");
+                    continue;
+                };
+                // The result is keyed by event id: a PDU without a computable one is dropped.
+                let Some(event_id) = self.remote_event_id(&json) else {
+                    tracing::debug!("PDU without a computable event id: dropped");
+                    continue;
+                };
+                let result = self.receive_pdu(origin, json, remote).await;
+                if let Err(error) = &result {
+                    tracing::info!(%event_id, %error, "PDU not accepted");
+                }
+                results.insert(event_id, result);
+            }
+            Ok(results)
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// The event id a remote PDU claims by its room's version, if the room is known.
+    fn remote_event_id(&self, json: &CanonicalJsonObject) -> Option<OwnedEventId> {
+        let room_id = match json.get("room_id") {
+            Some(CanonicalJsonValue::String(room_id)) => RoomId::parse(room_id).ok()?,
+            _ => return None,
+        };
+        let version = self.room(&room_id).ok()??.room_version;
+        federation::signing::event_id_of(json, &version).ok()
+    }
+
+    /// Receives one PDU from `origin`: every check on receipt, in the spec's order, fetching
+    /// missing auth and prev events from `origin` (bounded), then persisting it.
+    #[instrument(skip_all, fields(origin = %origin))]
+    pub async fn receive_pdu(
+        &self,
+        origin: &ServerName,
+        json: CanonicalJsonObject,
+        remote: &Remote,
+    ) -> Result<Accepted, IngestError> {
+        self.receive_pdu_inner(origin, json, remote, true).await
+    }
+
+    async fn receive_pdu_inner(
+        &self,
+        origin: &ServerName,
+        json: CanonicalJsonObject,
+        remote: &Remote,
+        fetch_missing_prev: bool,
+    ) -> Result<Accepted, IngestError> {
+        // 1. and 2. and 3.: format, signatures, content hash.
+        let Checked { pdu, rules } = self.check_received(json, remote).await?;
+        let room_id = pdu.room_id.clone();
+        if !self.server_allowed(&room_id, origin)? {
+            return Err(IngestError::ServerDenied(origin.to_owned()));
+        }
+        if self.meta(&pdu.event_id)?.is_some() {
+            return Ok(Accepted::AlreadyKnown);
+        }
+        if pdu.kind == TimelineEventType::RoomCreate || pdu.prev_events.is_empty() {
+            return Err(IngestError::Malformed(
+                "a room's create event cannot be sent to it".into(),
+            ));
+        }
+        self.fetch_missing_auth_events(origin, &pdu, remote).await?;
+        // 4. Auth against the event's own auth events.
+        self.check_auth_events(&pdu, &rules).map_err(IngestError::AuthEvents)?;
+
+        // Missing prev events: ask the origin for the gap, once, and take what connects.
+        let missing: Vec<OwnedEventId> = self.missing_prev_events(&pdu)?;
+        if !missing.is_empty() && fetch_missing_prev {
+            let earliest = self.room(&room_id)?.ok_or(IngestError::UnknownRoom)?;
+            let latest = [pdu.event_id.clone()];
+            match remote
+                .events
+                .get_missing_events(
+                    origin,
+                    &room_id,
+                    &earliest.forward_extremities,
+                    &latest,
+                    MISSING_EVENTS_MAX,
+                )
+                .await
+            {
+                Ok(events) => {
+                    let mut events: Vec<(UInt, CanonicalJsonObject)> = events
+                        .into_iter()
+                        .take(MISSING_EVENTS_MAX)
+                        .map(|json| {
+                            let depth = match json.get("depth") {
+                                Some(CanonicalJsonValue::Integer(depth)) => {
+                                    UInt::try_from(i64::from(*depth)).unwrap_or_default()
+                                }
+                                _ => UInt::default(),
+                            };
+                            (depth, json)
+                        })
+                        .collect();
+                    events.sort_by_key(|(depth, _)| *depth);
+                    for (_, json) in events {
+                        // One level only: the gap's own gaps are not chased.
+                        let result =
+                            Box::pin(self.receive_pdu_inner(origin, json, remote, false)).await;
+                        if let Err(error) = result {
+                            tracing::debug!(%error, "missing event not accepted");
+                        }
+                    }
+                }
+                Err(error) => tracing::info!(%error, "get_missing_events failed"),
+            }
+        }
+        let missing = self.missing_prev_events(&pdu)?;
+        if !missing.is_empty() {
+            // Without the prev events there is no state before the event. Fetching that state
+            // with `/state_ids` (and storing the event with it) is not done yet.
+            let list: Vec<String> = missing.iter().map(ToString::to_string).collect();
+            return Err(IngestError::MissingPrevEvents(list.join(", ")));
+        }
+
+        let lock = self.room_lock(&room_id);
+        let _guard = lock.lock().await;
+        if self.meta(&pdu.event_id)?.is_some() {
+            return Ok(Accepted::AlreadyKnown);
+        }
+        let mut room = self.room(&room_id)?.ok_or(IngestError::UnknownRoom)?;
+        self.accept_locked(&mut room, &pdu, &rules)
+    }
+
+    /// Checks 1 to 3: a valid PDU of a known room's version, signed by the servers the room
+    /// version requires, redacted when its content hash does not match.
+    async fn check_received(
+        &self,
+        mut json: CanonicalJsonObject,
+        remote: &Remote,
+    ) -> Result<Checked, IngestError> {
+        let room_id = match json.get("room_id") {
+            Some(CanonicalJsonValue::String(room_id)) => RoomId::parse(room_id)
+                .map_err(|error| IngestError::Malformed(format!("room_id: {error}")))?,
+            _ => return Err(IngestError::Malformed("missing room_id".into())),
+        };
+        let version = self.room(&room_id)?.ok_or(IngestError::UnknownRoom)?.room_version;
+        let rules = federation::signing::rules_for(&version).map_err(RoomError::from)?;
+        self.check_signed_pdu(&mut json, &version, &rules, remote).await?;
+        let event_id = federation::signing::event_id_of(&json, &version)
+            .map_err(|error| IngestError::Malformed(error.to_string()))?;
+        let pdu = Pdu::from_json(event_id, json)
+            .map_err(|error| IngestError::Malformed(error.to_string()))?;
+        if pdu.room_id != room_id {
+            return Err(IngestError::Malformed("room_id does not match".into()));
+        }
+        Ok(Checked { pdu, rules })
+    }
+
+    /// Format, signatures and content hash of a PDU of `version`, redacting it in place when
+    /// only the hash fails ([validating hashes and signatures](https://spec.matrix.org/v1.16/server-server-api/#validating-hashes-and-signatures-on-received-events)).
+    pub(crate) async fn check_signed_pdu(
+        &self,
+        json: &mut CanonicalJsonObject,
+        version: &RoomVersionId,
+        rules: &RoomVersionRules,
+        remote: &Remote,
+    ) -> Result<(), IngestError> {
+        // What the sender put in `unsigned` is not covered by the signature: it is not kept.
+        json.remove("unsigned");
+        ruma::state_res::check_pdu_format(json, &rules.event_format)
+            .map_err(IngestError::Malformed)?;
+        let servers =
+            ruma::signatures::required_server_signatures_to_verify_event(json, &rules.signatures)
+                .map_err(|error| IngestError::Signature(error.to_string()))?;
+        let origin_server_ts = match json.get("origin_server_ts") {
+            Some(CanonicalJsonValue::Integer(ts)) => UInt::try_from(i64::from(*ts))
+                .map(MilliSecondsSinceUnixEpoch)
+                .map_err(|_| IngestError::Malformed("bad origin_server_ts".into()))?,
+            _ => return Err(IngestError::Malformed("missing origin_server_ts".into())),
+        };
+        let mut key_map = ruma::signatures::PublicKeyMap::new();
+        for server in servers {
+            let keys =
+                remote.keys.verify_keys(&server, origin_server_ts).await.map_err(|error| {
+                    IngestError::Signature(format!("keys of {server}: {error}"))
+                })?;
+            key_map.insert(server.to_string(), keys);
+        }
+        let verified = ruma::signatures::verify_event(&key_map, json, rules)
+            .map_err(|error| IngestError::Signature(error.to_string()))?;
+        if verified == Verified::Signatures {
+            tracing::info!(room_version = %version, "content hash mismatch: event redacted");
+            let redacted = ruma::canonical_json::redact(json.clone(), &rules.redaction, None)
+                .map_err(|error| IngestError::Malformed(error.to_string()))?;
+            *json = redacted;
+        }
+        Ok(())
+    }
+
+    /// Fetches the auth events of `pdu` this server lacks (and theirs) from `origin`, checks
+    /// each (format, signatures, hash, its own auth events) and stores them as outliers.
+    async fn fetch_missing_auth_events(
+        &self,
+        origin: &ServerName,
+        pdu: &Pdu,
+        remote: &Remote,
+    ) -> Result<(), IngestError> {
+        let mut to_fetch: Vec<OwnedEventId> = Vec::new();
+        for event_id in &pdu.auth_events {
+            if self.pdu(event_id)?.is_none() {
+                to_fetch.push(event_id.clone());
+            }
+        }
+        if to_fetch.is_empty() {
+            return Ok(());
+        }
+        let mut fetched: Vec<Checked> = Vec::new();
+        let mut budget = AUTH_EVENTS_FETCHED_MAX;
+        while let Some(event_id) = to_fetch.pop() {
+            if self.pdu(&event_id)?.is_some()
+                || fetched.iter().any(|checked| checked.pdu.event_id == event_id)
+            {
+                continue;
+            }
+            if budget == 0 {
+                return Err(IngestError::MissingAuthEvents("too many to fetch".into()));
+            }
+            budget -= 1;
+            let json =
+                remote.events.get_event(origin, &event_id).await.map_err(|error| {
+                    IngestError::MissingAuthEvents(format!("{event_id}: {error}"))
+                })?;
+            let checked = self.check_received(json, remote).await?;
+            if checked.pdu.event_id != event_id || checked.pdu.room_id != pdu.room_id {
+                return Err(IngestError::MissingAuthEvents(format!(
+                    "{origin} answered another event for {event_id}"
+                )));
+            }
+            for auth_id in &checked.pdu.auth_events {
+                if self.pdu(auth_id)?.is_none() {
+                    to_fetch.push(auth_id.clone());
+                }
+            }
+            fetched.push(checked);
+        }
+        // Store them oldest first: each once all its auth events are stored.
+        while !fetched.is_empty() {
+            let ready = fetched.iter().position(|checked| {
+                checked.pdu.auth_events.iter().all(|id| self.pdu(id).ok().flatten().is_some())
+            });
+            let Some(index) = ready else {
+                return Err(IngestError::MissingAuthEvents("auth events form no chain".into()));
+            };
+            let checked = fetched.swap_remove(index);
+            self.check_auth_events(&checked.pdu, &checked.rules).map_err(|error| {
+                IngestError::MissingAuthEvents(format!("{}: {error}", checked.pdu.event_id))
+            })?;
+            self.store_outlier(&checked.pdu)?;
+        }
+        Ok(())
+    }
+
+    /// Stores an event known without its state (an auth event fetched to check another).
+    pub(crate) fn store_outlier(&self, pdu: &Pdu) -> Result<(), RoomError> {
+        if self.pdu(&pdu.event_id)?.is_some() {
+            return Ok(());
+        }
+        let db = self.db();
+        let mut batch = db.batch();
+        let short = db.next_short(&mut batch)?;
+        self.write_pdu_rows(&mut batch, pdu, short)?;
+        db.write(batch)?;
+        Ok(())
+    }
+
+    /// Check 4: the auth rules against the event's own auth events.
+    pub(crate) fn check_auth_events(
+        &self,
+        pdu: &Pdu,
+        rules: &RoomVersionRules,
+    ) -> Result<(), String> {
+        ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
+            self.pdu(id).ok().flatten()
+        })?;
+        let mut auth_state: HashMap<(StateEventType, String), Pdu> = HashMap::new();
+        for event_id in &pdu.auth_events {
+            if let Some(event) = self.pdu(event_id).ok().flatten()
+                && let Some(pair) = event.state_pair()
+            {
+                auth_state.insert(pair, event);
+            }
+        }
+        // Since room version 12 the create event is not listed: the room id names it.
+        if rules.authorization.room_create_event_id_as_room_id
+            && let Ok(Some(create)) = self.current_state_pdu(&pdu.room_id, "m.room.create", "")
+        {
+            auth_state.insert((StateEventType::RoomCreate, String::new()), create);
+        }
+        ruma::state_res::check_state_dependent_auth_rules(
+            &rules.authorization,
+            pdu,
+            |kind, state_key| auth_state.get(&(kind.clone(), state_key.to_owned())).cloned(),
+        )
+    }
+
+    /// Prev events of `pdu` this server has no state for.
+    fn missing_prev_events(&self, pdu: &Pdu) -> Result<Vec<OwnedEventId>, RoomError> {
+        let mut missing = Vec::new();
+        for event_id in &pdu.prev_events {
+            if self.meta(event_id)?.is_none() {
+                missing.push(event_id.clone());
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Checks 5 and 6 and the write, with the room lock held: state before the event from its
+    /// prev events (resolved where they differ), auth against it (reject), auth against the
+    /// current state (soft fail), then one batch with extremities and current state.
+    fn accept_locked(
+        &self,
+        room: &mut RoomRecord,
+        pdu: &Pdu,
+        rules: &RoomVersionRules,
+    ) -> Result<Accepted, IngestError> {
+        let room_id = pdu.room_id.clone();
+        let mut prev_snapshots: Vec<Option<u64>> = Vec::new();
+        for event_id in &pdu.prev_events {
+            let meta = self
+                .meta(event_id)?
+                .ok_or_else(|| IngestError::MissingPrevEvents(event_id.to_string()))?;
+            if meta.room_id != room_id {
+                return Err(IngestError::Malformed(format!(
+                    "prev event {event_id} is in another room"
+                )));
+            }
+            if !prev_snapshots.contains(&meta.state_after) {
+                prev_snapshots.push(meta.state_after);
+            }
+        }
+        // 5. State before the event.
+        let (state_before, before_snapshot) = if let [snapshot] = prev_snapshots.as_slice() {
+            (self.state_at(*snapshot)?, Some(*snapshot))
+        } else {
+            let states = prev_snapshots
+                .iter()
+                .map(|snapshot| self.state_at(*snapshot))
+                .collect::<Result<Vec<_>, _>>()?;
+            (self.resolve_states(rules, states, None)?, None)
+        };
+        let fetch_from = |state: &BTreeMap<(String, String), OwnedEventId>,
+                          kind: &StateEventType,
+                          state_key: &str| {
+            state
+                .get(&(kind.to_string(), state_key.to_owned()))
+                .and_then(|event_id| self.pdu(event_id).ok().flatten())
+        };
+        ruma::state_res::check_state_dependent_auth_rules(
+            &rules.authorization,
+            pdu,
+            |kind, key| fetch_from(&state_before, kind, key),
+        )
+        .map_err(IngestError::StateBefore)?;
+        // 6. Soft failure against the current state.
+        let current = self.state_at(room.current_snapshot)?;
+        let soft_failed = ruma::state_res::check_state_dependent_auth_rules(
+            &rules.authorization,
+            pdu,
+            |kind, key| fetch_from(&current, kind, key),
+        )
+        .err();
+        if let Some(reason) = &soft_failed {
+            tracing::info!(event_id = %pdu.event_id, reason, "event soft-failed");
+        }
+        let redaction_applies = match &pdu.redacts {
+            Some(redacts) => self.remote_redaction_applies(&state_before, pdu, redacts)?,
+            None => false,
+        };
+        let mut state_after = state_before.clone();
+        if let Some(state_key) = &pdu.state_key {
+            state_after.insert((pdu.kind.to_string(), state_key.clone()), pdu.event_id.clone());
+        }
+        // The event replaces its prev events among the forward extremities; the current state
+        // is the resolution of the extremities' states.
+        let mut extremities: Vec<OwnedEventId> = room
+            .forward_extremities
+            .iter()
+            .filter(|event_id| !pdu.prev_events.contains(event_id))
+            .cloned()
+            .collect();
+        extremities.push(pdu.event_id.clone());
+        let new_current = if soft_failed.is_some() {
+            None
+        } else if extremities.len() == 1 {
+            Some(state_after.clone())
+        } else {
+            let mut states = vec![state_after.clone()];
+            for event_id in extremities.iter().filter(|id| **id != pdu.event_id) {
+                let snapshot = self.meta(event_id)?.and_then(|meta| meta.state_after);
+                states.push(self.state_at(snapshot)?);
+            }
+            Some(self.resolve_states(rules, states, Some(pdu))?)
+        };
+        for map in [Some(&state_before), new_current.as_ref()].into_iter().flatten() {
+            for event_id in map.values() {
+                if *event_id != pdu.event_id
+                    && state::short_of_event(self.db(), event_id)?.is_none()
+                {
+                    return Err(IngestError::StateResolution(format!(
+                        "state event {event_id} is not stored"
+                    )));
+                }
+            }
+        }
+        let plan = Plan {
+            state_before,
+            before_snapshot,
+            state_after,
+            current,
+            new_current,
+            extremities,
+            redaction_applies,
+        };
+        let (position, ()) = self.db().write_at_next_position(|position, batch| {
+            self.persist_remote(batch, room, pdu, position, plan)
+        })?;
+        tracing::debug!(event_id = %pdu.event_id, position, "remote event persisted");
+        self.inner.notifier.notify(position);
+        Ok(if soft_failed.is_some() { Accepted::SoftFailed } else { Accepted::Persisted })
+    }
+
+    /// A redaction takes effect when its sender may redact others' events, or redacts an
+    /// event of its own server ([redactions](https://spec.matrix.org/v1.16/rooms/v11/#handling-redactions)).
+    fn remote_redaction_applies(
+        &self,
+        state: &BTreeMap<(String, String), OwnedEventId>,
+        redaction: &Pdu,
+        redacts: &EventId,
+    ) -> Result<bool, RoomError> {
+        if let Some(target) = self.pdu(redacts)?
+            && target.sender.server_name() == redaction.sender.server_name()
+        {
+            return Ok(true);
+        }
+        let levels = match state.get(&("m.room.power_levels".to_owned(), String::new())) {
+            Some(event_id) => self.pdu(event_id)?.map(|pdu| pdu.content_value()),
+            None => None,
+        };
+        let Some(levels) = levels else { return Ok(false) };
+        let level_of = |value: Option<&Value>, default: i64| {
+            value
+                .and_then(|value| value.as_i64().or_else(|| value.as_str()?.parse().ok()))
+                .unwrap_or(default)
+        };
+        let sender_level = level_of(
+            levels.get("users").and_then(|users| users.get(redaction.sender.as_str())),
+            level_of(levels.get("users_default"), 0),
+        );
+        Ok(sender_level >= level_of(levels.get("redact"), 50))
+    }
+
+    fn persist_remote(
+        &self,
+        batch: &mut Batch<'_>,
+        room: &mut RoomRecord,
+        pdu: &Pdu,
+        position: u64,
+        plan: Plan,
+    ) -> Result<(), storage::Error> {
+        let db = self.db();
+        let room_id = &pdu.room_id;
+        let short = db.next_short(batch)?;
+        let mut shorts = ShortIds::default();
+        let state_before = match plan.before_snapshot {
+            Some(snapshot) => snapshot,
+            None => Some(self.write_state(
+                batch,
+                &mut shorts,
+                room.current_snapshot,
+                &plan.state_before,
+                pdu,
+                short,
+            )?),
+        };
+        let state_after = match &pdu.state_key {
+            Some(_) => Some(self.write_state(
+                batch,
+                &mut shorts,
+                state_before,
+                &plan.state_after,
+                pdu,
+                short,
+            )?),
+            None => state_before,
+        };
+        let mut meta = EventMeta {
+            room_id: room_id.clone(),
+            position,
+            short,
+            state_before,
+            state_after,
+            transaction: None,
+            redacted_by: None,
+            soft_failed: plan.new_current.is_none(),
+            current_after: None,
+        };
+        let Some(new_current) = plan.new_current else {
+            return self.write_event_rows(batch, pdu, &meta, false, false);
+        };
+        let current_snapshot = if new_current == plan.state_after {
+            state_after
+        } else {
+            let snapshot =
+                self.write_state(batch, &mut shorts, state_after, &new_current, pdu, short)?;
+            meta.current_after = Some(snapshot);
+            Some(snapshot)
+        };
+        // Keep the current-state and membership indexes in step with the new current state.
+        let mut changed: Vec<(&(String, String), Option<&OwnedEventId>)> = Vec::new();
+        for (key, event_id) in &new_current {
+            if plan.current.get(key) != Some(event_id) {
+                changed.push((key, Some(event_id)));
+            }
+        }
+        for key in plan.current.keys() {
+            if !new_current.contains_key(key) {
+                changed.push((key, None));
+            }
+        }
+        for ((kind, state_key), event_id) in changed {
+            let event = match event_id {
+                Some(event_id) if *event_id == pdu.event_id => Some(pdu.clone()),
+                Some(event_id) => self.pdu(event_id).ok().flatten(),
+                None => None,
+            };
+            self.index_current_state(batch, room_id, kind, state_key, event.as_ref(), position)?;
+        }
+        self.write_event_rows(batch, pdu, &meta, true, plan.redaction_applies)?;
+        room.forward_extremities = plan.extremities;
+        room.depth = room.depth.max(pdu.depth);
+        room.current_snapshot = current_snapshot;
+        room.last_position = position;
+        batch.put(ROOMS, room_id.as_bytes(), room)?;
+        Ok(())
+    }
+
+    /// Writes a state map as a snapshot (a delta against `parent` where it can be). `pdu`
+    /// (short id `short`) may be in the map before it is stored; every other event in it is
+    /// stored (checked before the write).
+    fn write_state(
+        &self,
+        batch: &mut Batch<'_>,
+        shorts: &mut ShortIds,
+        parent: Option<u64>,
+        map: &BTreeMap<(String, String), OwnedEventId>,
+        pdu: &Pdu,
+        short: u64,
+    ) -> Result<u64, storage::Error> {
+        let db = self.db();
+        let mut full = state::ShortState::new();
+        for ((kind, state_key), event_id) in map {
+            let key_short = match shorts.keys.get(&(kind.clone(), state_key.clone())) {
+                Some(key_short) => *key_short,
+                None => {
+                    let key_short = state::state_key_short_or_new(db, batch, kind, state_key)?;
+                    shorts.keys.insert((kind.clone(), state_key.clone()), key_short);
+                    key_short
+                }
+            };
+            let event_short = if *event_id == pdu.event_id {
+                Some(short)
+            } else {
+                state::short_of_event(db, event_id)?
+            };
+            if let Some(event_short) = event_short {
+                full.insert(key_short, event_short);
+            }
+        }
+        state::write_snapshot(db, &self.inner.snapshots, batch, parent, full)
+    }
+
+    /// State resolution of several state maps
+    /// ([v2](https://spec.matrix.org/v1.16/rooms/v2/#state-resolution)). Maps that agree are
+    /// merged without it. `extra` is an event not stored yet that may appear in the maps.
+    pub(crate) fn resolve_states(
+        &self,
+        rules: &RoomVersionRules,
+        states: Vec<BTreeMap<(String, String), OwnedEventId>>,
+        extra: Option<&Pdu>,
+    ) -> Result<BTreeMap<(String, String), OwnedEventId>, IngestError> {
+        let Some(first) = states.first() else { return Ok(BTreeMap::new()) };
+        if states.iter().all(|state| state == first) {
+            return Ok(first.clone());
+        }
+        let Some(v2_rules) = rules.state_res.v2_rules() else {
+            return Err(IngestError::StateResolution(
+                "state resolution v1 (room version 1) is not supported".into(),
+            ));
+        };
+        let fetch = |event_id: &EventId| -> Option<Pdu> {
+            match extra {
+                Some(extra) if extra.event_id == event_id => Some(extra.clone()),
+                _ => self.pdu(event_id).ok().flatten(),
+            }
+        };
+        let maps: Vec<StateMap<OwnedEventId>> = states
+            .iter()
+            .map(|state| {
+                state
+                    .iter()
+                    .map(|((kind, key), id)| {
+                        ((StateEventType::from(kind.as_str()), key.clone()), id.clone())
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut auth_chains = Vec::new();
+        for map in &maps {
+            let chain =
+                auth_chain(map.values().cloned(), &fetch).map_err(IngestError::StateResolution)?;
+            auth_chains.push(chain.into_iter().collect::<EventIdSet<OwnedEventId>>());
+        }
+        let resolved = ruma::state_res::resolve(
+            &rules.authorization,
+            v2_rules,
+            &maps,
+            auth_chains,
+            fetch,
+            |conflicted| Some(conflicted_state_subgraph(conflicted, &fetch)),
+        )
+        .map_err(|error| IngestError::StateResolution(error.to_string()))?;
+        Ok(resolved
+            .into_iter()
+            .map(|((kind, key), event_id)| ((kind.to_string(), key), event_id))
+            .collect())
+    }
+
+    /// Whether the room's server ACL lets `server` take part
+    /// ([server ACLs](https://spec.matrix.org/v1.16/client-server-api/#server-access-control-lists-acls-for-rooms)).
+    pub fn server_allowed(&self, room_id: &RoomId, server: &ServerName) -> Result<bool, RoomError> {
+        let Some(acl) = self.current_state_content(room_id, "m.room.server_acl", "")? else {
+            return Ok(true);
+        };
+        Ok(acl_allows(&acl, server))
+    }
+}
+
+/// What [`Rooms::accept_locked`] decided, for the write.
+struct Plan {
+    state_before: BTreeMap<(String, String), OwnedEventId>,
+    /// The snapshot of `state_before` when it is a prev event's state (else it is written).
+    before_snapshot: Option<Option<u64>>,
+    state_after: BTreeMap<(String, String), OwnedEventId>,
+    /// The room's current state before the event.
+    current: BTreeMap<(String, String), OwnedEventId>,
+    /// The room's current state after it; `None` when the event soft-failed.
+    new_current: Option<BTreeMap<(String, String), OwnedEventId>>,
+    extremities: Vec<OwnedEventId>,
+    redaction_applies: bool,
+}
+
+/// Short ids allocated in a batch that is not written yet, so none is allocated twice.
+#[derive(Default)]
+struct ShortIds {
+    keys: HashMap<(String, String), u64>,
+}
+
+/// Every event reachable through `auth_events` from `start` (not `start` itself unless
+/// reachable), bounded by [`AUTH_CHAIN_EVENTS_MAX`].
+pub(crate) fn auth_chain(
+    start: impl IntoIterator<Item = OwnedEventId>,
+    fetch: &impl Fn(&EventId) -> Option<Pdu>,
+) -> Result<HashSet<OwnedEventId>, String> {
+    let mut chain = HashSet::new();
+    let mut stack: Vec<OwnedEventId> = Vec::new();
+    for event_id in start {
+        if let Some(pdu) = fetch(&event_id) {
+            stack.extend(pdu.auth_events.iter().cloned());
+        }
+    }
+    while let Some(event_id) = stack.pop() {
+        if !chain.insert(event_id.clone()) {
+            continue;
+        }
+        if chain.len() > AUTH_CHAIN_EVENTS_MAX {
+            return Err("auth chain too long".into());
+        }
+        if let Some(pdu) = fetch(&event_id) {
+            stack.extend(pdu.auth_events.iter().filter(|id| !chain.contains(*id)).cloned());
+        }
+    }
+    Ok(chain)
+}
+
+/// The conflicted state subgraph (room version 12): events on an auth path from one
+/// conflicted event to another, the conflicted events included.
+fn conflicted_state_subgraph(
+    conflicted: &StateMap<Vec<OwnedEventId>>,
+    fetch: &impl Fn(&EventId) -> Option<Pdu>,
+) -> EventIdSet<OwnedEventId> {
+    let targets: HashSet<OwnedEventId> = conflicted.values().flatten().cloned().collect();
+    // Everything reachable from a conflicted event, with its auth events.
+    let mut graph: HashMap<OwnedEventId, Vec<OwnedEventId>> = HashMap::new();
+    let mut stack: Vec<OwnedEventId> = targets.iter().cloned().collect();
+    while let Some(event_id) = stack.pop() {
+        if graph.contains_key(&event_id) || graph.len() > AUTH_CHAIN_EVENTS_MAX {
+            continue;
+        }
+        let auth = fetch(&event_id).map(|pdu| pdu.auth_events).unwrap_or_default();
+        stack.extend(auth.iter().cloned());
+        graph.insert(event_id, auth);
+    }
+    // An event is on such a path when a conflicted event is reachable from it (itself
+    // included): found by repeating until nothing changes, which the graph's size bounds.
+    let mut reaches: HashSet<OwnedEventId> = targets.clone();
+    loop {
+        let before = reaches.len();
+        for (event_id, auth) in &graph {
+            if !reaches.contains(event_id) && auth.iter().any(|id| reaches.contains(id)) {
+                reaches.insert(event_id.clone());
+            }
+        }
+        if reaches.len() == before {
+            break;
+        }
+    }
+    reaches.into_iter().filter(|id| graph.contains_key(id)).collect()
+}
+
+/// Whether an `m.room.server_acl` content allows `server`.
+pub fn acl_allows(acl: &Value, server: &ServerName) -> bool {
+    let host = server.host();
+    let patterns = |field: &str| -> Vec<String> {
+        acl.get(field)
+            .and_then(Value::as_array)
+            .map(|list| list.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
+    };
+    let allow_ip_literals = acl.get("allow_ip_literals").and_then(Value::as_bool).unwrap_or(true);
+    if !allow_ip_literals && server.is_ip_literal() {
+        return false;
+    }
+    if patterns("deny").iter().any(|pattern| glob_matches(pattern, host)) {
+        return false;
+    }
+    patterns("allow").iter().any(|pattern| glob_matches(pattern, host))
+}
+
+/// `*` (any run) and `?` (one character) globbing, case-insensitively, as ACLs use it.
+fn glob_matches(pattern: &str, text: &str) -> bool {
+    let pattern: Vec<char> = pattern.to_lowercase().chars().collect();
+    let text: Vec<char> = text.to_lowercase().chars().collect();
+    let (mut p, mut t) = (0, 0);
+    let (mut star, mut mark) = (None, 0);
+    while t < text.len() {
+        if p < pattern.len() && (pattern[p] == '?' || pattern[p] == text[t]) {
+            p += 1;
+            t += 1;
+        } else if p < pattern.len() && pattern[p] == '*' {
+            star = Some(p);
+            mark = t;
+            p += 1;
+        } else if let Some(star) = star {
+            p = star + 1;
+            mark += 1;
+            t = mark;
+        } else {
+            return false;
+        }
+    }
+    while p < pattern.len() && pattern[p] == '*' {
+        p += 1;
+    }
+    p == pattern.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use ruma::server_name;
+    use serde_json::json;
+
+    use super::*;
+
+    fn check(acl: Value, server: &ServerName, expected: bool) {
+        assert_eq!(acl_allows(&acl, server), expected, "{acl} for {server}");
+    }
+
+    #[test]
+    fn server_acls_follow_the_globs() {
+        let acl = json!({"allow": ["*"], "deny": ["*.evil.test", "bad?.test"]});
+        check(acl.clone(), server_name!("good.test"), true);
+        check(acl.clone(), server_name!("a.evil.test"), false);
+        check(acl.clone(), server_name!("bad1.test"), false);
+        check(acl.clone(), server_name!("bad12.test"), true);
+        check(json!({"allow": ["*"], "allow_ip_literals": false}), server_name!("1.2.3.4"), false);
+        check(json!({"deny": []}), server_name!("good.test"), false);
+        check(json!({"allow": ["GOOD.test"]}), server_name!("good.test:8448"), true);
+    }
+}
