@@ -1,5 +1,9 @@
 //! The `hearth` command: `serve` (the default) runs the server, `user create` makes accounts.
 
+/// Hearth's allocator (see the `mimalloc` line of `Cargo.toml` for why).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::path::PathBuf;
 
 use anyhow::Context;

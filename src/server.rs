@@ -119,6 +119,7 @@ impl Server {
             e2ee,
             key_backup,
             uia: UiaSessions::default(),
+            unread: Default::default(),
             notifier,
             remote: crate::remote::over_federation(federation.clone()),
             signing_key,

@@ -612,6 +612,25 @@ async fn unread_counts(
         .and_then(|content| content.get("displayname").and_then(Value::as_str).map(str::to_owned))
         .unwrap_or_else(|| user_id.localpart().to_owned());
     let member_count = state.rooms.joined_members(room_id)?.len() as u64;
+    let fingerprint = UnreadFingerprint {
+        read_position,
+        ruleset: serde_json::to_string(ruleset).unwrap_or_default(),
+        display_name: display_name.clone(),
+        member_count,
+    };
+    // Counting resumes where the last count of this (user, room) stopped when nothing it
+    // depends on changed; otherwise it starts again from the read receipt.
+    let key = (user_id.to_owned(), room_id.to_owned());
+    let mut counted = state
+        .unread
+        .get(&key)
+        .filter(|counted| counted.fingerprint == fingerprint && counted.up_to <= upper)
+        .unwrap_or(UnreadCount {
+            fingerprint: fingerprint.clone(),
+            up_to: read_position,
+            notifications: 0,
+            highlights: 0,
+        });
     let context = PushConditionRoomCtx::new(
         room_id.to_owned(),
         UInt::try_from(member_count).unwrap_or_default(),
@@ -619,14 +638,17 @@ async fn unread_counts(
         display_name,
     );
     let events =
-        state.rooms.timeline(room_id, read_position, Some(upper), Direction::Forward, 1000)?;
-    let (mut notifications, mut highlights) = (0, 0);
-    for (_, event_id) in events {
+        state.rooms.timeline(room_id, counted.up_to, Some(upper), Direction::Forward, 1000)?;
+    for (position, event_id) in events {
+        if position <= counted.up_to {
+            continue;
+        }
+        counted.up_to = position;
         let Some(pdu) = state.rooms.pdu(&event_id)? else { continue };
         if pdu.sender == user_id {
             // Sending implies having read everything before.
-            notifications = 0;
-            highlights = 0;
+            counted.notifications = 0;
+            counted.highlights = 0;
             continue;
         }
         let rendered = state.rooms.client_event(&pdu, None, None)?;
@@ -634,11 +656,50 @@ async fn unread_counts(
         let raw: Raw<Value> = Raw::from_json(raw);
         let actions = ruleset.get_actions(&raw, &context).await;
         if actions.iter().any(Action::should_notify) {
-            notifications += 1;
+            counted.notifications += 1;
             if actions.iter().any(Action::is_highlight) {
-                highlights += 1;
+                counted.highlights += 1;
             }
         }
     }
-    Ok((notifications, highlights))
+    let answer = (counted.notifications, counted.highlights);
+    state.unread.put(key, counted);
+    Ok(answer)
+}
+
+/// What an unread count depends on besides the events themselves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct UnreadFingerprint {
+    read_position: u64,
+    ruleset: String,
+    display_name: String,
+    member_count: u64,
+}
+
+/// The unread count of one user in one room up to a stream position.
+#[derive(Clone, Debug)]
+pub struct UnreadCount {
+    fingerprint: UnreadFingerprint,
+    up_to: u64,
+    notifications: u64,
+    highlights: u64,
+}
+
+/// The last unread count of each (user, room), so that a sync evaluates push rules only for
+/// events that arrived since the previous one instead of every event since the read receipt.
+#[derive(Clone, Default)]
+pub struct UnreadCounts {
+    counts: std::sync::Arc<
+        std::sync::Mutex<std::collections::HashMap<(OwnedUserId, ruma::OwnedRoomId), UnreadCount>>,
+    >,
+}
+
+impl UnreadCounts {
+    fn get(&self, key: &(OwnedUserId, ruma::OwnedRoomId)) -> Option<UnreadCount> {
+        self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(key).cloned()
+    }
+
+    fn put(&self, key: (OwnedUserId, ruma::OwnedRoomId), count: UnreadCount) {
+        self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, count);
+    }
 }

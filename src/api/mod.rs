@@ -46,6 +46,8 @@ pub struct AppState {
     pub key_backup: KeyBackup,
     /// User-interactive auth sessions.
     pub uia: uia::UiaSessions,
+    /// The last unread count of each (user, room), for `/sync`.
+    pub unread: crate::sync::UnreadCounts,
     /// Wakes `/sync`.
     pub notifier: Notifier,
     /// The server's signing key.
