@@ -14,13 +14,13 @@ use serde_json::{Value, json};
 use crate::harness::TestServer;
 
 /// A test CA and the files of its leaf certificates.
-struct Pki {
+pub(crate) struct Pki {
     dir: tempfile::TempDir,
     issuer: Issuer<'static, KeyPair>,
 }
 
 impl Pki {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let dir = tempfile::tempdir().expect("test setup");
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("test setup");
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -50,7 +50,7 @@ impl Pki {
 }
 
 /// Starts a server on `ip` whose name is `ip:<TLS port>`, serving TLS there.
-async fn start_on(pki: &Pki, ip: &str) -> TestServer {
+pub(crate) async fn start_on(pki: &Pki, ip: &str) -> TestServer {
     // The name must carry the TLS port, so the port is chosen before the server binds it.
     let port = std::net::TcpListener::bind((ip, 0))
         .expect("test setup")
@@ -75,7 +75,7 @@ async fn start_on(pki: &Pki, ip: &str) -> TestServer {
 }
 
 /// A federation client that speaks as `server` (with its signing key), trusting the test CA.
-fn client_as(server: &TestServer, pki: &Pki, allow_private: bool) -> Client {
+pub(crate) fn client_as(server: &TestServer, pki: &Pki, allow_private: bool) -> Client {
     let config = ClientConfig {
         allow_private,
         extra_ca_file: Some(pki.ca_path().into()),
@@ -95,7 +95,7 @@ fn client_with(server: &TestServer, config: ClientConfig) -> Client {
         .expect("test setup")
 }
 
-fn object(value: Value) -> CanonicalJsonObject {
+pub(crate) fn object(value: Value) -> CanonicalJsonObject {
     match CanonicalJsonValue::try_from(value).expect("test setup") {
         CanonicalJsonValue::Object(object) => object,
         other => panic!("not an object: {other:?}"),

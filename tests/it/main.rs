@@ -17,6 +17,7 @@ mod discovery;
 mod e2ee;
 mod federation_rooms;
 mod federation_transport;
+mod federation_wire;
 mod key_backup;
 mod profile;
 mod restart;
