@@ -102,6 +102,9 @@ struct Results {
     tool_profile: String,
     /// Figures per server label (`hearth`, `synapse`, or the base URL).
     servers: Vec<(String, String, Vec<Figure>)>,
+    /// Scenarios a server could not complete, with the error.
+    #[serde(default)]
+    failures: Vec<String>,
 }
 
 const SCENARIOS: [&str; 5] = ["S1", "S2", "S3", "S4", "S7"];
@@ -169,6 +172,7 @@ async fn run(args: RunArgs) -> Result<()> {
         pin(std::process::id(), 1).await?;
     }
     let mut servers = Vec::new();
+    let mut failures = Vec::new();
     if let Some(base_url) = &args.base_url {
         let registration = match &args.registration_secret {
             Some(secret) => Registration::SharedSecret(secret.clone()),
@@ -176,7 +180,9 @@ async fn run(args: RunArgs) -> Result<()> {
         };
         let ctx = Ctx::new(base_url, registration)?;
         let version = server_version(&ctx).await;
-        let figures = measure(&ctx, None, &scenarios, &sizes, args.pin).await?;
+        let mut failed = Vec::new();
+        let figures = measure(&ctx, None, &scenarios, &sizes, args.pin, &mut failed).await?;
+        failures.extend(failed.into_iter().map(|failure| format!("{base_url} {failure}")));
         servers.push((base_url.clone(), version, figures));
     } else {
         let labels: &[&str] = match args.server {
@@ -202,7 +208,10 @@ async fn run(args: RunArgs) -> Result<()> {
             );
             let ctx = Ctx::new(&launched.base_url, launched.registration.clone())?;
             let version = server_version(&ctx).await;
-            let figures = measure(&ctx, Some(&mut launched), &scenarios, &sizes, args.pin).await;
+            let mut failed = Vec::new();
+            let figures =
+                measure(&ctx, Some(&mut launched), &scenarios, &sizes, args.pin, &mut failed).await;
+            failures.extend(failed.into_iter().map(|failure| format!("{label} {failure}")));
             launched.stop().await;
             servers.push(((*label).to_owned(), version, figures?));
         }
@@ -215,8 +224,12 @@ async fn run(args: RunArgs) -> Result<()> {
         pinned: args.pin,
         tool_profile: if cfg!(debug_assertions) { "dev" } else { "release" }.to_owned(),
         servers,
+        failures,
     };
     print!("{}", table(&results));
+    for failure in &results.failures {
+        println!("did not complete: {failure}");
+    }
     if let Some(parent) = args.output.parent() {
         std::fs::create_dir_all(parent)?;
     }
@@ -233,6 +246,7 @@ async fn measure(
     scenarios: &[&str],
     sizes: &Sizes,
     pinned: bool,
+    failures: &mut Vec<String>,
 ) -> Result<Vec<Figure>> {
     let mut figures = Vec::new();
     if pinned && let Some(pid) = launched.as_ref().and_then(|l| l.pid()) {
@@ -259,14 +273,24 @@ async fn measure(
     for scenario in scenarios {
         println!("  {scenario} ...");
         let found = match *scenario {
-            "S1" => bench::s1_send(ctx, sizes).await?,
-            "S2" => bench::s2_delivery(ctx, sizes).await?,
-            "S3" => bench::s3_initial_sync(ctx, sizes).await?,
+            "S1" => bench::s1_send(ctx, sizes).await,
+            "S2" => bench::s2_delivery(ctx, sizes).await,
+            "S3" => bench::s3_initial_sync(ctx, sizes).await,
             "S7" => match launched.as_ref() {
-                Some(launched) => bench::s7_disk(ctx, sizes, &launched.database_dir).await?,
-                None => Vec::new(),
+                Some(launched) => bench::s7_disk(ctx, sizes, &launched.database_dir).await,
+                None => Ok(Vec::new()),
             },
-            _ => Vec::new(),
+            _ => Ok(Vec::new()),
+        };
+        // A server that cannot complete a scenario (requests time out under the load) is a
+        // result too: it is reported, and the other scenarios still run.
+        let found = match found {
+            Ok(found) => found,
+            Err(error) => {
+                println!("    {scenario} did not complete: {error:#}");
+                failures.push(format!("{scenario}: {error:#}"));
+                Vec::new()
+            }
         };
         for figure in &found {
             println!("    {}: {:.1}", figure.metric, figure.value);
@@ -444,6 +468,12 @@ better Hearth is (throughput: Hearth / Synapse; times, memory and bytes: Synapse
     }
     page.push_str("\n## Results\n\n");
     page.push_str(&table(&results));
+    if !results.failures.is_empty() {
+        page.push_str("\nScenarios a server could not complete in this run (its requests timed out under the load):\n\n");
+        for failure in &results.failures {
+            let _ = writeln!(page, "- {}", failure.replace('\n', " "));
+        }
+    }
     page.push_str("\n## Reproduce\n\n```sh\n");
     let _ = writeln!(page, "{}", reproducible(&results.command));
     page.push_str("cargo run --release -p conformance --bin hearth-bench -- docs --results target/bench-results.json\n```\n\n");
