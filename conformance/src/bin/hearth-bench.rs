@@ -501,5 +501,5 @@ const SCENARIO_NOTES: &str = "## Scenarios and goals
 
 Synapse runs on SQLite with every rate limit raised (the launcher's configuration), Hearth on its embedded RocksDB; both start on a fresh data directory.
 
-Not measured yet: S5 (federation ingest) and S6 (state resolution benches) need Hearth's federation and state resolution; S3 at 300 rooms of 300 members and S4/S7 at 1M events need set-up times that Synapse cannot reach in a run of reasonable length (about 50 joins or messages per second): pass `--s3-rooms 300 --s3-members 300` or `--s7-messages 1000000` to measure them anyway.
+Not measured yet: S5 (federation ingest) needs a synthetic signing peer in this tool, and S6 (criterion benches of state resolution on generated forks) is not written; S3 at 300 rooms of 300 members and S4/S7 at 1M events need set-up times that Synapse cannot reach in a run of reasonable length (about 50 joins or messages per second): pass `--s3-rooms 300 --s3-members 300` or `--s7-messages 1000000` to measure them anyway.
 ";
