@@ -110,7 +110,7 @@ async fn build(
     request: &SyncRequest,
     position: u64,
 ) -> Result<(Value, bool), ApiError> {
-    let ruleset = state.account_data.push_rules(&auth.user_id)?;
+    let ruleset = PushRules::new(state.account_data.push_rules(&auth.user_id)?);
     let user_id = &auth.user_id;
     let since = request.since;
     let filter = &request.filter;
@@ -441,7 +441,7 @@ async fn joined_room(
     room_since: Option<u64>,
     upper: u64,
     account_data: Vec<Value>,
-    ruleset: &Ruleset,
+    ruleset: &PushRules,
 ) -> Result<Option<Value>, ApiError> {
     let filter = &request.filter;
     let limit = timeline_limit(state, &filter.room.timeline);
@@ -596,7 +596,7 @@ async fn unread_counts(
     user_id: &UserId,
     room_id: &RoomId,
     upper: u64,
-    ruleset: &Ruleset,
+    ruleset: &PushRules,
 ) -> Result<(u64, u64), ApiError> {
     let mut read_position = 0;
     for receipt_type in ["m.read", "m.read.private"] {
@@ -614,7 +614,7 @@ async fn unread_counts(
     let member_count = state.rooms.joined_members(room_id)?.len() as u64;
     let fingerprint = UnreadFingerprint {
         read_position,
-        ruleset: serde_json::to_string(ruleset).unwrap_or_default(),
+        ruleset: ruleset.fingerprint.clone(),
         display_name: display_name.clone(),
         member_count,
     };
@@ -654,7 +654,7 @@ async fn unread_counts(
         let rendered = state.rooms.client_event(&pdu, None, None)?;
         let Ok(raw) = serde_json::value::to_raw_value(&rendered) else { continue };
         let raw: Raw<Value> = Raw::from_json(raw);
-        let actions = ruleset.get_actions(&raw, &context).await;
+        let actions = ruleset.ruleset.get_actions(&raw, &context).await;
         if actions.iter().any(Action::should_notify) {
             counted.notifications += 1;
             if actions.iter().any(Action::is_highlight) {
@@ -665,6 +665,20 @@ async fn unread_counts(
     let answer = (counted.notifications, counted.highlights);
     state.unread.put(key, counted);
     Ok(answer)
+}
+
+/// The user's push rules for one sync, with their serialized form computed once so that the
+/// unread count of every room can tell whether the rules changed since its last count.
+struct PushRules {
+    ruleset: Ruleset,
+    fingerprint: String,
+}
+
+impl PushRules {
+    fn new(ruleset: Ruleset) -> Self {
+        let fingerprint = serde_json::to_string(&ruleset).unwrap_or_default();
+        Self { ruleset, fingerprint }
+    }
 }
 
 /// What an unread count depends on besides the events themselves.

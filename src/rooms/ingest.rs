@@ -88,65 +88,6 @@ pub struct Remote {
     pub events: Arc<dyn RemoteEvents>,
 }
 
-impl Remote {
-    /// A view that knows only this server's own verify key and reaches no other server (every
-    /// fetch fails); the running server uses `crate::remote::over_federation`.
-    pub fn local_only(signing_key: &federation::ServerSigningKey) -> Self {
-        let own = Arc::new(LocalOnly {
-            server_name: signing_key.server_name().clone(),
-            keys: Base64::parse(signing_key.public_key_base64())
-                .map(|key| BTreeMap::from([(signing_key.key_id(), key)]))
-                .unwrap_or_default(),
-        });
-        Self { keys: own.clone(), events: own }
-    }
-}
-
-struct LocalOnly {
-    server_name: OwnedServerName,
-    keys: BTreeMap<String, Base64>,
-}
-
-impl ServerKeys for LocalOnly {
-    fn verify_keys<'a>(
-        &'a self,
-        server: &'a ServerName,
-        _valid_at: MilliSecondsSinceUnixEpoch,
-    ) -> BoxFuture<'a, Result<BTreeMap<String, Base64>, RemoteError>> {
-        let keys = (server == self.server_name).then(|| self.keys.clone());
-        Box::pin(async move {
-            keys.ok_or_else(|| {
-                RemoteError(format!("no federation transport to fetch keys of {server}"))
-            })
-        })
-    }
-}
-
-impl RemoteEvents for LocalOnly {
-    fn get_event<'a>(
-        &'a self,
-        server: &'a ServerName,
-        _event_id: &'a EventId,
-    ) -> BoxFuture<'a, Result<CanonicalJsonObject, RemoteError>> {
-        Box::pin(
-            async move { Err(RemoteError(format!("no federation transport to reach {server}"))) },
-        )
-    }
-
-    fn get_missing_events<'a>(
-        &'a self,
-        server: &'a ServerName,
-        _room_id: &'a RoomId,
-        _earliest_events: &'a [OwnedEventId],
-        _latest_events: &'a [OwnedEventId],
-        _limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<CanonicalJsonObject>, RemoteError>> {
-        Box::pin(
-            async move { Err(RemoteError(format!("no federation transport to reach {server}"))) },
-        )
-    }
-}
-
 /// Why a received PDU was dropped or rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
