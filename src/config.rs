@@ -86,6 +86,13 @@ pub struct Config {
     pub federation_key_query_servers_max: usize,
     /// How long our published server keys are declared valid, in milliseconds.
     pub federation_key_valid_ms: u64,
+    /// The wait before retrying a peer after its first failed transaction, in milliseconds;
+    /// it doubles with every further failure.
+    pub federation_retry_initial_ms: u64,
+    /// The longest wait between two attempts to reach a failing peer, in milliseconds.
+    pub federation_retry_max_ms: u64,
+    /// How many peers are sent transactions at the same time.
+    pub federation_destinations_concurrent_max: usize,
 }
 
 impl Default for Config {
@@ -116,6 +123,9 @@ impl Default for Config {
             federation_key_refetch_interval_ms: 60_000,
             federation_key_query_servers_max: 100,
             federation_key_valid_ms: 7 * 24 * 3600 * 1000,
+            federation_retry_initial_ms: 2_000,
+            federation_retry_max_ms: 600_000,
+            federation_destinations_concurrent_max: 50,
         }
     }
 }
@@ -229,6 +239,16 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The settings of the outbound transaction sender.
+    pub fn sender(&self) -> federation::SenderConfig {
+        use std::time::Duration;
+        federation::SenderConfig {
+            retry_initial: Duration::from_millis(self.federation_retry_initial_ms),
+            retry_max: Duration::from_millis(self.federation_retry_max_ms),
+            concurrent_destinations_max: self.federation_destinations_concurrent_max.max(1),
+        }
     }
 
     /// The settings of the federation client.

@@ -12,6 +12,7 @@ pub mod ephemeral;
 pub mod filter;
 pub mod key_backup;
 pub mod notify;
+pub mod outbox;
 pub mod remote;
 pub mod rooms;
 pub mod server;

@@ -1,17 +1,21 @@
 //! The room core's view of other servers ([`ServerKeys`], [`RemoteEvents`]) implemented over
 //! the federation client: verify keys come from the client's key cache and fetching, and
-//! missing events are fetched with signed `event` and `get_missing_events` requests.
+//! missing events are fetched with signed `event` and `get_missing_events` requests, and
+//! membership handshakes (`make_join`/`send_join`, `make_leave`/`send_leave`, `invite`) are
+//! signed requests too.
 
 use std::{collections::BTreeMap, sync::Arc};
 
 use futures::future::BoxFuture;
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId,
-    RoomId, ServerName, serde::Base64,
+    RoomId, RoomVersionId, ServerName, UserId, serde::Base64,
 };
 use serde_json::{Value, json};
 
-use crate::rooms::ingest::{Remote, RemoteError, RemoteEvents, ServerKeys};
+use crate::rooms::ingest::{
+    MembershipRemoteError, Remote, RemoteError, RemoteEvents, RemoteMembership, ServerKeys,
+};
 
 /// The federation client as the room core's window on other servers.
 struct OverFederation {
@@ -21,7 +25,21 @@ struct OverFederation {
 /// A [`Remote`] that reaches other servers through `client`.
 pub fn over_federation(client: federation::Client) -> Remote {
     let remote = Arc::new(OverFederation { client });
-    Remote { keys: remote.clone(), events: remote }
+    Remote { keys: remote.clone(), events: remote.clone(), membership: remote }
+}
+
+/// A refusal (403, 404) ends a join; anything else lets the next server be tried.
+fn membership_error(error: federation::Error) -> MembershipRemoteError {
+    match &error {
+        federation::Error::Status { status: 403 | 404, body, .. } => {
+            let message = serde_json::from_str::<Value>(body)
+                .ok()
+                .and_then(|body| body.get("error").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_else(|| error.to_string());
+            MembershipRemoteError::Refused(message)
+        }
+        _ => MembershipRemoteError::Failed(error.to_string()),
+    }
 }
 
 /// Percent-encodes one path segment.
@@ -43,6 +61,39 @@ fn canonical(value: Value) -> Result<CanonicalJsonObject, RemoteError> {
         Ok(_) => Err(RemoteError("a PDU is not a JSON object".to_owned())),
         Err(error) => Err(RemoteError(format!("a PDU is not canonical JSON: {error}"))),
     }
+}
+
+/// Asks an alias's server which room it names
+/// ([`query/directory`](https://spec.matrix.org/v1.16/server-server-api/#get_matrixfederationv1querydirectory)):
+/// the room id and servers that can help join it, or `None` when it does not know the alias or
+/// cannot be reached.
+pub async fn query_directory(
+    client: &federation::Client,
+    alias: &ruma::RoomAliasId,
+) -> Option<(ruma::OwnedRoomId, Vec<ruma::OwnedServerName>)> {
+    let path =
+        format!("/_matrix/federation/v1/query/directory?room_alias={}", segment(alias.as_str()));
+    let answer = match client
+        .send_request(alias.server_name(), federation::Method::GET, &path, None)
+        .await
+    {
+        Ok(answer) => answer,
+        Err(error) => {
+            tracing::info!(%alias, %error, "remote alias lookup failed");
+            return None;
+        }
+    };
+    let room_id = ruma::OwnedRoomId::try_from(answer.get("room_id")?.as_str()?).ok()?;
+    let servers = answer
+        .get("servers")
+        .and_then(Value::as_array)
+        .map(|list| {
+            list.iter()
+                .filter_map(|server| ruma::OwnedServerName::try_from(server.as_str()?).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    Some((room_id, servers))
 }
 
 impl ServerKeys for OverFederation {
@@ -113,6 +164,105 @@ impl RemoteEvents for OverFederation {
             let events =
                 answer.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
             events.into_iter().take(limit).map(canonical).collect()
+        })
+    }
+}
+
+impl RemoteMembership for OverFederation {
+    fn make_membership<'a>(
+        &'a self,
+        server: &'a ServerName,
+        room_id: &'a RoomId,
+        user_id: &'a UserId,
+        membership: &'a str,
+        supported_versions: &'a [RoomVersionId],
+    ) -> BoxFuture<'a, Result<(RoomVersionId, CanonicalJsonObject), MembershipRemoteError>> {
+        Box::pin(async move {
+            let mut path = format!(
+                "/_matrix/federation/v1/make_{membership}/{}/{}",
+                segment(room_id.as_str()),
+                segment(user_id.as_str())
+            );
+            for (index, version) in supported_versions.iter().enumerate() {
+                path.push(if index == 0 { '?' } else { '&' });
+                path.push_str(&format!("ver={}", segment(version.as_str())));
+            }
+            let answer = self
+                .client
+                .send_request(server, federation::Method::GET, &path, None)
+                .await
+                .map_err(membership_error)?;
+            let version = answer
+                .get("room_version")
+                .and_then(Value::as_str)
+                .and_then(|version| RoomVersionId::try_from(version).ok())
+                .unwrap_or(RoomVersionId::V1);
+            let event = answer
+                .get("event")
+                .cloned()
+                .ok_or_else(|| MembershipRemoteError::Failed(format!("{server} sent no template")))
+                .and_then(|event| {
+                    canonical(event).map_err(|error| MembershipRemoteError::Failed(error.0))
+                })?;
+            Ok((version, event))
+        })
+    }
+
+    fn send_membership<'a>(
+        &'a self,
+        server: &'a ServerName,
+        room_id: &'a RoomId,
+        event_id: &'a EventId,
+        membership: &'a str,
+        event: CanonicalJsonObject,
+    ) -> BoxFuture<'a, Result<Value, MembershipRemoteError>> {
+        Box::pin(async move {
+            let path = format!(
+                "/_matrix/federation/v2/send_{membership}/{}/{}",
+                segment(room_id.as_str()),
+                segment(event_id.as_str())
+            );
+            let body = serde_json::to_value(&event)
+                .map_err(|error| MembershipRemoteError::Failed(error.to_string()))?;
+            self.client
+                .send_request(server, federation::Method::PUT, &path, Some(body))
+                .await
+                .map_err(membership_error)
+        })
+    }
+
+    fn invite<'a>(
+        &'a self,
+        server: &'a ServerName,
+        room_id: &'a RoomId,
+        event_id: &'a EventId,
+        room_version: &'a RoomVersionId,
+        event: CanonicalJsonObject,
+        invite_room_state: Vec<Value>,
+    ) -> BoxFuture<'a, Result<CanonicalJsonObject, MembershipRemoteError>> {
+        Box::pin(async move {
+            let path = format!(
+                "/_matrix/federation/v2/invite/{}/{}",
+                segment(room_id.as_str()),
+                segment(event_id.as_str())
+            );
+            let body = json!({
+                "room_version": room_version,
+                "event": event,
+                "invite_room_state": invite_room_state,
+            });
+            let answer = self
+                .client
+                .send_request(server, federation::Method::PUT, &path, Some(body))
+                .await
+                .map_err(membership_error)?;
+            answer
+                .get("event")
+                .cloned()
+                .ok_or_else(|| MembershipRemoteError::Failed(format!("{server} sent no event")))
+                .and_then(|event| {
+                    canonical(event).map_err(|error| MembershipRemoteError::Failed(error.0))
+                })
         })
     }
 }

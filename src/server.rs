@@ -17,6 +17,7 @@ use crate::{
     ephemeral::Ephemeral,
     key_backup::KeyBackup,
     notify::Notifier,
+    outbox::Outbox,
     rooms::Rooms,
     server_keys::DbKeyStore,
     tls::{TlsError, TlsListener},
@@ -57,6 +58,7 @@ pub enum ServerError {
 /// A server ready to serve: components built, listener bound.
 pub struct Server {
     state: AppState,
+    sender: federation::Sender,
     listener: TcpListener,
     tls_listener: Option<TlsListener>,
     db: Db,
@@ -80,12 +82,14 @@ impl Server {
             config.server_name.clone(),
         )?);
         let notifier = Notifier::new(db.position());
+        let outbox = Outbox::new(db.clone());
         let accounts = Accounts::new(db.clone(), config.server_name.clone());
         let rooms = Rooms::new(
             db.clone(),
             signing_key.clone(),
             config.default_room_version.clone(),
             notifier.clone(),
+            outbox.clone(),
         );
         let ephemeral = Ephemeral::new(db.clone(), notifier.clone());
         let account_data = AccountData::new(db.clone(), notifier.clone());
@@ -96,6 +100,9 @@ impl Server {
             config.federation_client(),
         )
         .map_err(ServerError::FederationClient)?;
+        let sender =
+            federation::Sender::new(federation.clone(), Arc::new(outbox.clone()), config.sender());
+        outbox.attach(sender.clone());
         let key_backup = KeyBackup::new(db.clone());
         let listener = TcpListener::bind(config.listen)
             .await
@@ -125,7 +132,7 @@ impl Server {
             signing_key,
             federation,
         };
-        Ok(Self { state, listener, tls_listener, db })
+        Ok(Self { state, sender, listener, tls_listener, db })
     }
 
     /// The address actually bound (useful with port 0).
@@ -162,6 +169,12 @@ impl Server {
         tracing::info!(%address, server_name = %self.state.config.server_name, "serving");
         let notifier = self.state.notifier.clone();
         let (stopping, stopped) = tokio::sync::watch::channel(false);
+        // Background work: the outbound federation sender.
+        let stop_background = Arc::new(tokio::sync::Notify::new());
+        let mut background = tokio::task::JoinSet::new();
+        let sender = self.sender.clone();
+        let stop_sender = stop_background.clone();
+        background.spawn(async move { sender.run(stop_sender).await });
         let trigger = async move {
             shutdown.await;
             // Long polls answer at once instead of holding the shutdown up.
@@ -205,6 +218,8 @@ impl Server {
             () = trigger => servers.await,
         };
         let result = plain_result.and(tls_result);
+        stop_background.notify_one();
+        while background.join_next().await.is_some() {}
         if let Err(error) = self.db.flush() {
             tracing::error!(%error, "flushing the database on shutdown");
         }

@@ -223,6 +223,9 @@ impl From<crate::rooms::RoomError> for ApiError {
             RoomError::Signing(source) => Self::internal(source),
             RoomError::Storage(source) => Self::internal(source),
             RoomError::Pdu(source) => Self::internal(source),
+            RoomError::Remote(reason) => {
+                Self::not_found(format!("No server could help with this room: {reason}"))
+            }
         }
     }
 }

@@ -79,6 +79,55 @@ pub trait RemoteEvents: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<CanonicalJsonObject>, RemoteError>>;
 }
 
+/// Why another server did not help with a membership change.
+#[derive(Debug, thiserror::Error)]
+pub enum MembershipRemoteError {
+    /// It answered that the change is not allowed (403) or the room is unknown to it (404).
+    #[error("{0}")]
+    Refused(String),
+    /// It could not be reached or answered something else.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Membership handshakes with a server that is in a room
+/// ([joining rooms](https://spec.matrix.org/v1.16/server-server-api/#joining-rooms),
+/// [inviting](https://spec.matrix.org/v1.16/server-server-api/#inviting-to-a-room),
+/// [leaving](https://spec.matrix.org/v1.16/server-server-api/#leaving-rooms-rejecting-invites)).
+pub trait RemoteMembership: Send + Sync {
+    /// `make_join` or `make_leave` (by `membership`) on `server`: the room version and the
+    /// event template.
+    fn make_membership<'a>(
+        &'a self,
+        server: &'a ServerName,
+        room_id: &'a RoomId,
+        user_id: &'a ruma::UserId,
+        membership: &'a str,
+        supported_versions: &'a [RoomVersionId],
+    ) -> BoxFuture<'a, Result<(RoomVersionId, CanonicalJsonObject), MembershipRemoteError>>;
+
+    /// `send_join` or `send_leave` v2 (by `membership`) on `server`: its JSON answer.
+    fn send_membership<'a>(
+        &'a self,
+        server: &'a ServerName,
+        room_id: &'a RoomId,
+        event_id: &'a EventId,
+        membership: &'a str,
+        event: CanonicalJsonObject,
+    ) -> BoxFuture<'a, Result<Value, MembershipRemoteError>>;
+
+    /// `invite` v2 on the invitee's `server`: the event countersigned by it.
+    fn invite<'a>(
+        &'a self,
+        server: &'a ServerName,
+        room_id: &'a RoomId,
+        event_id: &'a EventId,
+        room_version: &'a RoomVersionId,
+        event: CanonicalJsonObject,
+        invite_room_state: Vec<Value>,
+    ) -> BoxFuture<'a, Result<CanonicalJsonObject, MembershipRemoteError>>;
+}
+
 /// What the room core needs from the transport to take part in federation.
 #[derive(Clone)]
 pub struct Remote {
@@ -86,6 +135,8 @@ pub struct Remote {
     pub keys: Arc<dyn ServerKeys>,
     /// Events fetched from servers.
     pub events: Arc<dyn RemoteEvents>,
+    /// Membership handshakes.
+    pub membership: Arc<dyn RemoteMembership>,
 }
 
 /// Why a received PDU was dropped or rejected.
@@ -473,7 +524,7 @@ impl Rooms {
         }
         // Since room version 12 the create event is not listed: the room id names it.
         if rules.authorization.room_create_event_id_as_room_id
-            && let Ok(Some(create)) = self.current_state_pdu(&pdu.room_id, "m.room.create", "")
+            && let Some(create) = self.create_event_of(&pdu.room_id)
         {
             auth_state.insert((StateEventType::RoomCreate, String::new()), create);
         }
@@ -484,11 +535,21 @@ impl Rooms {
         )
     }
 
+    /// The create event of a room whose id is derived from it (room version 12 and later):
+    /// `!x` is created by `$x`. Found even before the room has state here (while joining).
+    pub(crate) fn create_event_of(&self, room_id: &RoomId) -> Option<Pdu> {
+        if let Ok(Some(create)) = self.current_state_pdu(room_id, "m.room.create", "") {
+            return Some(create);
+        }
+        let event_id = EventId::parse(format!("${}", room_id.as_str().strip_prefix('!')?)).ok()?;
+        self.pdu(&event_id).ok().flatten()
+    }
+
     /// Prev events of `pdu` this server has no state for.
     fn missing_prev_events(&self, pdu: &Pdu) -> Result<Vec<OwnedEventId>, RoomError> {
         let mut missing = Vec::new();
         for event_id in &pdu.prev_events {
-            if self.meta(event_id)?.is_none() {
+            if self.meta(event_id)?.is_none_or(|meta| meta.outlier) {
                 missing.push(event_id.clone());
             }
         }
@@ -640,7 +701,7 @@ impl Rooms {
         Ok(sender_level >= level_of(levels.get("redact"), 50))
     }
 
-    fn persist_remote(
+    pub(super) fn persist_remote(
         &self,
         batch: &mut Batch<'_>,
         room: &mut RoomRecord,
@@ -684,6 +745,7 @@ impl Rooms {
             redacted_by: None,
             soft_failed: plan.new_current.is_none(),
             current_after: None,
+            outlier: false,
         };
         let Some(new_current) = plan.new_current else {
             return self.write_event_rows(batch, pdu, &meta, false, false);
@@ -827,17 +889,17 @@ impl Rooms {
 }
 
 /// What [`Rooms::accept_locked`] decided, for the write.
-struct Plan {
-    state_before: BTreeMap<(String, String), OwnedEventId>,
+pub(super) struct Plan {
+    pub(super) state_before: BTreeMap<(String, String), OwnedEventId>,
     /// The snapshot of `state_before` when it is a prev event's state (else it is written).
-    before_snapshot: Option<Option<u64>>,
-    state_after: BTreeMap<(String, String), OwnedEventId>,
+    pub(super) before_snapshot: Option<Option<u64>>,
+    pub(super) state_after: BTreeMap<(String, String), OwnedEventId>,
     /// The room's current state before the event.
-    current: BTreeMap<(String, String), OwnedEventId>,
+    pub(super) current: BTreeMap<(String, String), OwnedEventId>,
     /// The room's current state after it; `None` when the event soft-failed.
-    new_current: Option<BTreeMap<(String, String), OwnedEventId>>,
-    extremities: Vec<OwnedEventId>,
-    redaction_applies: bool,
+    pub(super) new_current: Option<BTreeMap<(String, String), OwnedEventId>>,
+    pub(super) extremities: Vec<OwnedEventId>,
+    pub(super) redaction_applies: bool,
 }
 
 /// Short ids allocated in a batch that is not written yet, so none is allocated twice.

@@ -12,6 +12,7 @@ pub mod ingest;
 pub mod membership;
 pub mod pdu;
 pub mod peers;
+pub mod remote_membership;
 pub mod state;
 
 use std::{
@@ -19,18 +20,18 @@ use std::{
     sync::{Arc, Mutex},
 };
 
-use federation::ServerSigningKey;
+use federation::{OutboundKind, ServerSigningKey};
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, DeviceId, EventId, MilliSecondsSinceUnixEpoch,
-    OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, RoomVersionId, UserId,
-    events::TimelineEventType, room_version_rules::EventsReferenceFormatVersion,
+    OwnedEventId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomId, RoomVersionId, ServerName,
+    UserId, events::TimelineEventType, room_version_rules::EventsReferenceFormatVersion,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use storage::{Batch, Db, keys};
 use tracing::instrument;
 
-use crate::notify::Notifier;
+use crate::{notify::Notifier, outbox::Outbox};
 pub use pdu::Pdu;
 
 /// Why a room operation failed.
@@ -69,6 +70,9 @@ pub enum RoomError {
     /// A stored PDU did not parse.
     #[error(transparent)]
     Pdu(#[from] pdu::PduError),
+    /// No other server could help (unreachable, or its answer was unusable).
+    #[error("remote server: {0}")]
+    Remote(String),
 }
 
 /// What we keep about a room.
@@ -114,6 +118,11 @@ pub struct EventMeta {
     /// `state_after` (the DAG had other forward extremities whose state was resolved in).
     #[serde(default)]
     pub current_after: Option<u64>,
+    /// A state event learnt from a resident server's answer when this server joined: shown
+    /// to clients as room state, but with no state of its own here (its state is not known),
+    /// so it counts as missing when a later event names it as a prev event.
+    #[serde(default)]
+    pub outlier: bool,
 }
 
 /// A user's membership in a room, as indexed for lookups.
@@ -190,6 +199,7 @@ struct Inner {
     notifier: Notifier,
     room_locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     snapshots: state::SnapshotCache,
+    outbox: Outbox,
 }
 
 /// The largest PDU, in bytes of canonical JSON ([size limits](https://spec.matrix.org/v1.16/client-server-api/#size-limits)).
@@ -197,7 +207,7 @@ pub const PDU_BYTES_MAX: usize = 65_536;
 
 const ROOMS: &str = "room_id_to_room";
 const PDUS: &str = "event_id_to_pdu";
-const METAS: &str = "event_id_to_meta";
+pub(crate) const METAS: &str = "event_id_to_meta";
 const TIMELINE: &str = "room_position_to_event_id";
 const CURRENT_STATE: &str = "room_state_key_to_event_id";
 const USER_ROOMS: &str = "user_room_to_membership";
@@ -221,6 +231,7 @@ impl Rooms {
         signing_key: Arc<ServerSigningKey>,
         default_room_version: RoomVersionId,
         notifier: Notifier,
+        outbox: Outbox,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -230,6 +241,7 @@ impl Rooms {
                 notifier,
                 room_locks: Mutex::new(HashMap::new()),
                 snapshots: state::SnapshotCache::default(),
+                outbox,
             }),
         }
     }
@@ -420,6 +432,56 @@ impl Rooms {
             .collect())
     }
 
+    /// The other servers with a user joined to the room: where its new events go.
+    pub fn servers_in_room(&self, room_id: &RoomId) -> Result<Vec<OwnedServerName>, RoomError> {
+        let mut servers: Vec<OwnedServerName> = Vec::new();
+        for user_id in self.joined_members(room_id)? {
+            let server = user_id.server_name();
+            if server != self.server_name() && !servers.iter().any(|known| known == server) {
+                servers.push(server.to_owned());
+            }
+        }
+        Ok(servers)
+    }
+
+    /// Whether a user of this server is joined to the room: then our copy of it is current
+    /// and local events can be built on it.
+    pub fn has_local_member(&self, room_id: &RoomId) -> Result<bool, RoomError> {
+        Ok(self
+            .joined_members(room_id)?
+            .iter()
+            .any(|user_id| user_id.server_name() == self.server_name()))
+    }
+
+    /// The outbound queue (for EDUs that concern a room's servers).
+    pub fn outbox(&self) -> &Outbox {
+        &self.inner.outbox
+    }
+
+    /// Queues an event this server accepted on behalf of `origin` (a `send_join`, say) for the
+    /// other servers in the room, which learn of it from us.
+    pub(crate) fn forward_to_room(&self, pdu: &Pdu, origin: &ServerName) -> Result<(), RoomError> {
+        let destinations: Vec<OwnedServerName> = self
+            .servers_in_room(&pdu.room_id)?
+            .into_iter()
+            .filter(|server| server != origin)
+            .collect();
+        if destinations.is_empty() {
+            return Ok(());
+        }
+        let outbox = &self.inner.outbox;
+        let mut batch = self.db().batch();
+        outbox.queue_in_batch(
+            &mut batch,
+            &destinations,
+            OutboundKind::Pdu,
+            &peers::to_value(&pdu.json),
+        )?;
+        self.db().write(batch)?;
+        outbox.wake(&destinations);
+        Ok(())
+    }
+
     /// Whether two users share a joined room.
     pub fn share_a_room(&self, a: &UserId, b: &UserId) -> Result<bool, RoomError> {
         if a == b {
@@ -564,6 +626,19 @@ impl Rooms {
         event: NewEvent,
         transaction: Option<Transaction>,
     ) -> Result<Appended, RoomError> {
+        let pdu = self.build_event(room, room_id, sender, event)?;
+        self.commit_event(room, pdu, sender, transaction)
+    }
+
+    /// Builds a local event on the room's forward extremities, signs it and authorizes it
+    /// against the current state, without persisting it. The room lock must be held.
+    fn build_event(
+        &self,
+        room: &RoomRecord,
+        room_id: Option<&RoomId>,
+        sender: &UserId,
+        event: NewEvent,
+    ) -> Result<Pdu, RoomError> {
         let version = room.room_version.clone();
         let rules = federation::signing::rules_for(&version)?;
         let mut canonical =
@@ -575,7 +650,7 @@ impl Rooms {
             return Err(RoomError::TooLarge);
         }
         let event_id = self.inner.signing_key.hash_and_sign_pdu(&mut canonical, &version)?;
-        let pdu = Pdu::from_json(event_id.clone(), canonical)?;
+        let pdu = Pdu::from_json(event_id, canonical)?;
         let room_id: &RoomId = &pdu.room_id.clone();
 
         ruma::state_res::check_state_independent_auth_rules(&rules.authorization, &pdu, |id| {
@@ -591,13 +666,54 @@ impl Rooms {
         if let Some(redacts) = &pdu.redacts {
             self.authorize_redaction(room_id, &pdu, redacts)?;
         }
+        Ok(pdu)
+    }
 
+    /// Persists a built local event in one batch with its outbound queue rows, then wakes
+    /// `/sync` and the federation sender. The room lock must be held.
+    fn commit_event(
+        &self,
+        room: &mut RoomRecord,
+        pdu: Pdu,
+        sender: &UserId,
+        transaction: Option<Transaction>,
+    ) -> Result<Appended, RoomError> {
+        let destinations = self.destinations_of(&pdu)?;
         let (position, ()) = self.db().write_at_next_position(|position, batch| {
-            self.persist(batch, room, &pdu, position, transaction.as_ref().map(|txn| (sender, txn)))
+            self.persist(
+                batch,
+                room,
+                &pdu,
+                position,
+                transaction.as_ref().map(|txn| (sender, txn)),
+            )?;
+            if !destinations.is_empty() {
+                let json = peers::to_value(&pdu.json);
+                self.inner.outbox.queue_in_batch(batch, &destinations, OutboundKind::Pdu, &json)?;
+            }
+            Ok(())
         })?;
         tracing::debug!(event_id = %pdu.event_id, position, "event persisted");
         self.inner.notifier.notify(position);
-        Ok(Appended { event_id, position })
+        self.inner.outbox.wake(&destinations);
+        Ok(Appended { event_id: pdu.event_id, position })
+    }
+
+    /// The servers a new local event goes to: every other server with a joined user, and the
+    /// server of a remote user whose membership it changes (kick, ban, unban). An invite
+    /// reaches the invitee's server through `/invite` instead.
+    fn destinations_of(&self, pdu: &Pdu) -> Result<Vec<OwnedServerName>, RoomError> {
+        let mut destinations = self.servers_in_room(&pdu.room_id)?;
+        if pdu.kind == TimelineEventType::RoomMember
+            && pdu.membership().as_deref() != Some("invite")
+            && let Some(target) = pdu.state_key.as_deref().and_then(|key| UserId::parse(key).ok())
+        {
+            let server = target.server_name();
+            if server != self.server_name() && !destinations.iter().any(|known| known == server) {
+                destinations.push(server.to_owned());
+            }
+        }
+        Ok(destinations)
     }
 
     /// Redactions need the redact power level unless they redact the sender's own event
@@ -659,6 +775,7 @@ impl Rooms {
             redacted_by: None,
             soft_failed: false,
             current_after: None,
+            outlier: false,
         };
         self.write_event_rows(batch, pdu, &meta, true, true)?;
         if let Some((user_id, txn)) = transaction {

@@ -400,6 +400,7 @@ impl Rooms {
         remote: &Remote,
     ) -> Result<JoinedRoom, PeerError> {
         let pdu = self.accept_membership(server, room_id, event_id, json, remote, "join").await?;
+        self.forward_to_room(&pdu, server)?;
         let meta = self.meta(&pdu.event_id)?.ok_or(PeerError::NotFound)?;
         let state: Vec<OwnedEventId> = self.state_at(meta.state_before)?.into_values().collect();
         let chain =
@@ -422,7 +423,8 @@ impl Rooms {
         json: CanonicalJsonObject,
         remote: &Remote,
     ) -> Result<(), PeerError> {
-        self.accept_membership(server, room_id, event_id, json, remote, "leave").await?;
+        let pdu = self.accept_membership(server, room_id, event_id, json, remote, "leave").await?;
+        self.forward_to_room(&pdu, server)?;
         Ok(())
     }
 

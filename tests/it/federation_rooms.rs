@@ -13,7 +13,10 @@ use federation::ServerSigningKey;
 use futures::future::BoxFuture;
 use hearth::rooms::{
     Rooms,
-    ingest::{Accepted, IngestError, Remote, RemoteError, RemoteEvents, ServerKeys},
+    ingest::{
+        Accepted, IngestError, MembershipRemoteError, Remote, RemoteError, RemoteEvents,
+        RemoteMembership, ServerKeys,
+    },
     peers::{PeerError, to_canonical},
 };
 use ruma::{
@@ -69,7 +72,51 @@ impl FakeTransport {
     }
 
     pub(crate) fn remote(self: &Arc<Self>) -> Remote {
-        Remote { keys: self.clone(), events: self.clone() }
+        Remote { keys: self.clone(), events: self.clone(), membership: self.clone() }
+    }
+}
+
+/// These tests feed PDUs directly: no membership handshake reaches another server.
+impl RemoteMembership for FakeTransport {
+    fn make_membership<'a>(
+        &'a self,
+        server: &'a ServerName,
+        _room_id: &'a RoomId,
+        _user_id: &'a ruma::UserId,
+        _membership: &'a str,
+        _supported_versions: &'a [ruma::RoomVersionId],
+    ) -> BoxFuture<'a, Result<(ruma::RoomVersionId, CanonicalJsonObject), MembershipRemoteError>>
+    {
+        Box::pin(
+            async move { Err(MembershipRemoteError::Failed(format!("{server} is not reachable"))) },
+        )
+    }
+
+    fn send_membership<'a>(
+        &'a self,
+        server: &'a ServerName,
+        _room_id: &'a RoomId,
+        _event_id: &'a EventId,
+        _membership: &'a str,
+        _event: CanonicalJsonObject,
+    ) -> BoxFuture<'a, Result<Value, MembershipRemoteError>> {
+        Box::pin(
+            async move { Err(MembershipRemoteError::Failed(format!("{server} is not reachable"))) },
+        )
+    }
+
+    fn invite<'a>(
+        &'a self,
+        server: &'a ServerName,
+        _room_id: &'a RoomId,
+        _event_id: &'a EventId,
+        _room_version: &'a ruma::RoomVersionId,
+        _event: CanonicalJsonObject,
+        _invite_room_state: Vec<Value>,
+    ) -> BoxFuture<'a, Result<CanonicalJsonObject, MembershipRemoteError>> {
+        Box::pin(
+            async move { Err(MembershipRemoteError::Failed(format!("{server} is not reachable"))) },
+        )
     }
 }
 

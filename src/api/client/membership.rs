@@ -5,10 +5,10 @@
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{RawQuery, State},
     routing::{get, post},
 };
-use ruma::{OwnedRoomId, OwnedUserId, RoomAliasId, RoomId};
+use ruma::{OwnedRoomId, OwnedServerName, OwnedUserId, RoomAliasId, RoomId};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
@@ -49,13 +49,38 @@ async fn join_room(
     auth: &Auth,
     room_id: &RoomId,
     reason: Option<String>,
+    via: &[OwnedServerName],
 ) -> ApiResult {
-    let known = state.rooms.room(room_id)?.is_some();
-    if !known {
-        return Err(ApiError::not_found("No known servers to join the room through"));
+    if state.rooms.join_needs_remote(room_id)? {
+        // Only a server in the room can build our join on its current state.
+        let servers = state.rooms.candidate_servers(room_id, &auth.user_id, via)?;
+        let (displayname, avatar_url) = profile(state, auth)?;
+        let mut content = json!({"membership": "join"});
+        if let Some(name) = displayname {
+            content["displayname"] = json!(name);
+        }
+        if let Some(url) = avatar_url {
+            content["avatar_url"] = json!(url);
+        }
+        if let Some(reason) = reason {
+            content["reason"] = json!(reason);
+        }
+        state.rooms.join_remote(room_id, &auth.user_id, &servers, content, &state.remote).await?;
+        return Ok(Json(json!({"room_id": room_id})));
     }
     state.rooms.join(room_id, &auth.user_id, profile(state, auth)?, reason).await?;
     Ok(Json(json!({"room_id": room_id})))
+}
+
+/// The servers a client names for a join (`via`, and the older `server_name`), in order.
+fn via_servers(query: Option<&str>) -> Vec<OwnedServerName> {
+    let pairs: Vec<(String, String)> =
+        query.and_then(|query| serde_urlencoded::from_str(query).ok()).unwrap_or_default();
+    pairs
+        .into_iter()
+        .filter(|(key, _)| key == "via" || key == "server_name")
+        .filter_map(|(_, value)| OwnedServerName::try_from(value).ok())
+        .collect()
 }
 
 /// `POST /_matrix/client/v3/join/{roomIdOrAlias}`
@@ -63,23 +88,30 @@ async fn join_by_id_or_alias(
     State(state): State<AppState>,
     auth: Auth,
     path: PathIds,
+    RawQuery(query): RawQuery,
     Body(body): Body<ReasonBody>,
 ) -> ApiResult {
     let target = path.get("roomIdOrAlias")?;
+    let mut via = via_servers(query.as_deref());
     let room_id: OwnedRoomId = if target.starts_with('#') {
         let alias = RoomAliasId::parse(target)
             .map_err(|_| ApiError::invalid_param("Invalid room alias"))?;
-        if alias.server_name() != state.config.server_name {
-            return Err(ApiError::not_found("Cannot resolve remote aliases yet"));
+        if alias.server_name() == state.config.server_name {
+            state
+                .rooms
+                .resolve_local_alias(&alias)?
+                .ok_or_else(|| ApiError::not_found("Room alias not found"))?
+        } else {
+            let (room_id, servers) = crate::remote::query_directory(&state.federation, &alias)
+                .await
+                .ok_or_else(|| ApiError::not_found("Room alias not found"))?;
+            via.extend(servers);
+            room_id
         }
-        state
-            .rooms
-            .resolve_local_alias(&alias)?
-            .ok_or_else(|| ApiError::not_found("Room alias not found"))?
     } else {
         parse_id(target, "room id or alias")?
     };
-    join_room(&state, &auth, &room_id, body.reason).await
+    join_room(&state, &auth, &room_id, body.reason, &via).await
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/join`
@@ -90,7 +122,7 @@ async fn join_by_id(
     Body(body): Body<ReasonBody>,
 ) -> ApiResult {
     let room_id: OwnedRoomId = path.id("roomId")?;
-    join_room(&state, &auth, &room_id, body.reason).await
+    join_room(&state, &auth, &room_id, body.reason, &[]).await
 }
 
 #[derive(Deserialize)]
@@ -123,6 +155,17 @@ async fn change(
         if current.as_deref() != Some(expected) {
             return Err(ApiError::forbidden(format!("The user's membership is not {expected}")));
         }
+    }
+    if membership == "invite" && body.user_id.server_name() != state.config.server_name {
+        let mut content = json!({"membership": "invite"});
+        if let Some(reason) = body.reason {
+            content["reason"] = json!(reason);
+        }
+        state
+            .rooms
+            .invite_remote(&room_id, &auth.user_id, &body.user_id, content, &state.remote)
+            .await?;
+        return Ok(Json(json!({})));
     }
     state
         .rooms
@@ -186,6 +229,14 @@ async fn leave(
     let room_id: OwnedRoomId = path.id("roomId")?;
     let current = state.rooms.membership(&room_id, &auth.user_id)?.map(|record| record.membership);
     match current.as_deref() {
+        Some("invite" | "knock") if !state.rooms.has_local_member(&room_id)? => {
+            // A room this server is not in: only its servers can take the leave.
+            let servers = state.rooms.candidate_servers(&room_id, &auth.user_id, &[])?;
+            state
+                .rooms
+                .leave_remote(&room_id, &auth.user_id, &servers, body.reason, &state.remote)
+                .await?;
+        }
         Some("join" | "invite" | "knock") => {
             state
                 .rooms

@@ -91,6 +91,8 @@ async fn verify_x_matrix(
         .verify_request(authorization, parts.method.as_str(), target, &bytes)
         .await
         .map_err(XMatrixError)?;
+    // A server that reaches us is up: what we queued for it need not wait out a backoff.
+    state.rooms.outbox().peer_alive(&origin);
     parts.extensions.insert(XMatrixOrigin(origin));
     Ok(next.run(Request::from_parts(parts, Body::from(bytes))).await)
 }
