@@ -8,6 +8,7 @@ pub mod accounts;
 pub mod api;
 pub mod config;
 pub mod e2ee;
+pub mod edus;
 pub mod ephemeral;
 pub mod filter;
 pub mod key_backup;

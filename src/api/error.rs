@@ -204,6 +204,15 @@ impl From<crate::accounts::AccountError> for ApiError {
     }
 }
 
+impl From<crate::edus::EduError> for ApiError {
+    fn from(error: crate::edus::EduError) -> Self {
+        match error {
+            crate::edus::EduError::Storage(source) => Self::internal(source),
+            crate::edus::EduError::Room(source) => source.into(),
+        }
+    }
+}
+
 impl From<crate::rooms::RoomError> for ApiError {
     fn from(error: crate::rooms::RoomError) -> Self {
         use crate::rooms::RoomError;

@@ -1,6 +1,7 @@
 //! Two real Hearth servers on 127.0.0.2 and 127.0.0.3 (TLS, a test CA, names with explicit
 //! ports) federating through the client API only: users join rooms of the other server both
-//! ways, exchange 100 messages each way in order, invite, kick, ban and leave across servers.
+//! ways, exchange 100 messages each way in order, see each other type and read, invite, kick,
+//! ban and leave across servers.
 //!
 //! [Joining rooms](https://spec.matrix.org/v1.16/server-server-api/#joining-rooms),
 //! [transactions](https://spec.matrix.org/v1.16/server-server-api/#transactions),
@@ -51,6 +52,14 @@ async fn membership_of(viewer: &User, room_id: &str, user_id: &str) -> Option<St
         ))
         .await;
     (status == 200).then(|| content["membership"].as_str().unwrap_or_default().to_owned())
+}
+
+/// The ephemeral events of one type in a room of a sync answer.
+fn ephemeral_of(sync: &Value, room_id: &str, kind: &str) -> Vec<Value> {
+    sync["rooms"]["join"][room_id]["ephemeral"]["events"]
+        .as_array()
+        .map(|events| events.iter().filter(|event| event["type"] == kind).cloned().collect())
+        .unwrap_or_default()
 }
 
 async fn join_via(user: &User, room_id: &str, server: &str) -> (u16, Value) {
@@ -110,6 +119,52 @@ async fn two_hearths_join_talk_and_moderate_across_servers() {
     // Bob's sync shows alice's messages in the room's timeline too.
     let sync = bob.sync(None, 0).await;
     assert!(sync["rooms"]["join"][&room_id]["timeline"]["events"].is_array(), "{sync}");
+
+    // Typing and read receipts both ways, through each side's /sync.
+    let last = {
+        let messages = alice.messages(&room_id, "dir=b&limit=1").await;
+        messages["chunk"][0]["event_id"].as_str().expect("an event").to_owned()
+    };
+    for (from, to) in [(&alice, &bob), (&bob, &alice)] {
+        let (status, answer) = from
+            .client
+            .put(
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/typing/{}",
+                    enc(&room_id),
+                    enc(&from.user_id)
+                ),
+                json!({"typing": true, "timeout": 20_000}),
+            )
+            .await;
+        assert_eq!(status, 200, "typing: {answer}");
+        to.sync_until(None, |sync| {
+            ephemeral_of(sync, &room_id, "m.typing").iter().any(|event| {
+                event["content"]["user_ids"]
+                    .as_array()
+                    .is_some_and(|users| users.iter().any(|user| user == from.user_id.as_str()))
+            })
+        })
+        .await;
+        let (status, answer) = from
+            .client
+            .post(
+                &format!(
+                    "/_matrix/client/v3/rooms/{}/receipt/m.read/{}",
+                    enc(&room_id),
+                    enc(&last)
+                ),
+                json!({}),
+            )
+            .await;
+        assert_eq!(status, 200, "receipt: {answer}");
+        to.sync_until(None, |sync| {
+            ephemeral_of(sync, &room_id, "m.receipt")
+                .iter()
+                .any(|event| event["content"][&last]["m.read"].get(&from.user_id).is_some())
+        })
+        .await;
+    }
 
     // The other way: alice on A joins bob's room on B.
     let bobs_room = bob.create_room(json!({"preset": "public_chat", "name": "Bob's"})).await;

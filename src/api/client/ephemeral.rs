@@ -60,6 +60,7 @@ async fn set_typing(
     }
     let timeout = Duration::from_millis(body.timeout.unwrap_or(30_000));
     state.ephemeral.set_typing(&room_id, &auth.user_id, body.typing, timeout)?;
+    crate::edus::send_typing(&state.rooms, &room_id, &auth.user_id, body.typing)?;
     Ok(Json(json!({})))
 }
 
@@ -85,7 +86,24 @@ fn receipt(
     {
         return Ok(());
     }
-    state.ephemeral.set_receipt(room_id, &auth.user_id, receipt_type, event_id, thread_id)?;
+    state.ephemeral.set_receipt(
+        room_id,
+        &auth.user_id,
+        receipt_type,
+        event_id,
+        thread_id.clone(),
+    )?;
+    if receipt_type == "m.read" {
+        let ts = ruma::MilliSecondsSinceUnixEpoch::now().get().into();
+        crate::edus::send_receipt(
+            &state.rooms,
+            room_id,
+            &auth.user_id,
+            event_id,
+            thread_id.as_deref(),
+            ts,
+        )?;
+    }
     Ok(())
 }
 
@@ -208,6 +226,7 @@ async fn set_presence(
     if !matches!(body.presence.as_str(), "online" | "offline" | "unavailable") {
         return Err(ApiError::invalid_param("presence must be online, offline or unavailable"));
     }
+    crate::edus::send_presence(&state.rooms, &user_id, &body.presence, body.status_msg.as_deref())?;
     state.ephemeral.set_presence(&user_id, &body.presence, body.status_msg)?;
     Ok(Json(json!({})))
 }

@@ -1,4 +1,5 @@
-//! Transactions: `PUT /_matrix/federation/v1/send/{txnId}`, PDUs answered one by one.
+//! Transactions: `PUT /_matrix/federation/v1/send/{txnId}`, PDUs answered one by one, then
+//! the EDUs applied (typing, receipts, presence).
 //!
 //! [Transactions](https://spec.matrix.org/v1.16/server-server-api/#transactions)
 
@@ -13,7 +14,12 @@ use crate::{
         error::{ApiError, ApiResult},
         extract::{Body, PathIds},
     },
-    rooms::{Rooms, ingest::Remote},
+    edus,
+    ephemeral::Ephemeral,
+    rooms::{
+        Rooms,
+        ingest::{EDUS_PER_TRANSACTION_MAX, Remote},
+    },
 };
 
 /// Routes of this module.
@@ -32,6 +38,7 @@ struct Transaction {
 /// `PUT /_matrix/federation/v1/send/{txnId}`
 async fn send_transaction(
     State(rooms): State<Rooms>,
+    State(ephemeral): State<Ephemeral>,
     State(remote): State<Remote>,
     XMatrixOrigin(origin): XMatrixOrigin,
     path: PathIds,
@@ -42,6 +49,16 @@ async fn send_transaction(
         .receive_transaction(&origin, txn_id, transaction.pdus, transaction.edus.len(), &remote)
         .await
         .map_err(|error| ApiError::bad_json(error.to_string()))?;
+    // EDUs after the PDUs, so a receipt can name an event of the same transaction.
+    for edu in transaction.edus.iter().take(EDUS_PER_TRANSACTION_MAX) {
+        let edu_type = edu.get("edu_type").and_then(Value::as_str).unwrap_or_default();
+        let content = edu.get("content").unwrap_or(&Value::Null);
+        match edus::receive(&rooms, &ephemeral, &origin, edu_type, content) {
+            Ok(true) => {}
+            Ok(false) => tracing::debug!(edu_type, "EDU type not handled"),
+            Err(error) => tracing::warn!(edu_type, %error, "EDU not applied"),
+        }
+    }
     let mut pdus = Map::new();
     for (event_id, result) in results {
         let answer = match result {
