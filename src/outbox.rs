@@ -8,7 +8,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use federation::{OutboundItem, OutboundKind, OutboundQueue, Sender};
+use federation::{OutboundItem, OutboundKind, OutboundQueue, Sender, Waker};
 use ruma::{OwnedServerName, ServerName};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
@@ -27,7 +27,7 @@ struct Stored {
 #[derive(Clone)]
 pub struct Outbox {
     db: Db,
-    sender: Arc<OnceLock<Sender>>,
+    waker: Arc<OnceLock<Waker>>,
 }
 
 fn store_error(error: storage::Error) -> federation::Error {
@@ -37,12 +37,12 @@ fn store_error(error: storage::Error) -> federation::Error {
 impl Outbox {
     /// The queue over `db`; [`Outbox::attach`] connects the sender that drains it.
     pub fn new(db: Db) -> Self {
-        Self { db, sender: Arc::new(OnceLock::new()) }
+        Self { db, waker: Arc::new(OnceLock::new()) }
     }
 
     /// Connects the sender that [`Outbox::wake`] wakes.
     pub fn attach(&self, sender: Sender) {
-        if self.sender.set(sender).is_err() {
+        if self.waker.set(sender.waker()).is_err() {
             tracing::error!("an outbox was attached to a second sender");
         }
     }
@@ -66,7 +66,7 @@ impl Outbox {
 
     /// Tells the sender that `destinations` have new items.
     pub fn wake(&self, destinations: &[OwnedServerName]) {
-        if let Some(sender) = self.sender.get() {
+        if let Some(sender) = self.waker.get() {
             for destination in destinations {
                 sender.wake(destination);
             }
@@ -75,7 +75,7 @@ impl Outbox {
 
     /// Tells the sender that `server` just reached us, so a backoff towards it ends.
     pub fn peer_alive(&self, server: &ServerName) {
-        if let Some(sender) = self.sender.get() {
+        if let Some(sender) = self.waker.get() {
             sender.peer_alive(server);
         }
     }

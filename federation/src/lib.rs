@@ -21,5 +21,5 @@ pub use error::Error;
 pub use keys::{KeyStore, MemoryKeyStore, StoredServerKeys, StoredVerifyKey};
 pub use request::XMatrix;
 pub use reqwest::Method;
-pub use sender::{OutboundItem, OutboundKind, OutboundQueue, Sender, SenderConfig};
+pub use sender::{OutboundItem, OutboundKind, OutboundQueue, Sender, SenderConfig, Waker};
 pub use signing::ServerSigningKey;

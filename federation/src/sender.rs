@@ -107,6 +107,24 @@ enum Wake {
     Alive(OwnedServerName),
 }
 
+/// Wakes a [`Sender`] from wherever items are queued.
+#[derive(Clone)]
+pub struct Waker {
+    wake_tx: mpsc::UnboundedSender<Wake>,
+}
+
+impl Waker {
+    /// Says that items were queued for `destination`.
+    pub fn wake(&self, destination: &ServerName) {
+        let _ = self.wake_tx.send(Wake::Queued(destination.to_owned()));
+    }
+
+    /// Says that `server` just talked to us: a backoff towards it ends now.
+    pub fn peer_alive(&self, server: &ServerName) {
+        let _ = self.wake_tx.send(Wake::Alive(server.to_owned()));
+    }
+}
+
 /// What the sender knows of one destination.
 #[derive(Default)]
 struct Destination {
@@ -135,14 +153,10 @@ impl Sender {
         }
     }
 
-    /// Says that items were queued for `destination`.
-    pub fn wake(&self, destination: &ServerName) {
-        let _ = self.inner.wake_tx.send(Wake::Queued(destination.to_owned()));
-    }
-
-    /// Says that `server` just talked to us: a backoff towards it ends now.
-    pub fn peer_alive(&self, server: &ServerName) {
-        let _ = self.inner.wake_tx.send(Wake::Alive(server.to_owned()));
+    /// A handle that wakes this sender. It does not keep the sender (or its queue) alive, so
+    /// the queue may hold it without a reference cycle.
+    pub fn waker(&self) -> Waker {
+        Waker { wake_tx: self.inner.wake_tx.clone() }
     }
 
     /// Sends until `shutdown` is notified: first whatever was left queued, then what

@@ -57,20 +57,31 @@ pub(crate) async fn start_on(pki: &Pki, ip: &str) -> TestServer {
         .local_addr()
         .expect("test setup")
         .port();
+    let temp = tempfile::tempdir().expect("test setup");
+    let mut server = start_on_port(pki, ip, port, temp.path().to_path_buf()).await;
+    server.keep(temp);
+    server
+}
+
+/// Starts (or restarts) the server named `ip:port` on `data_dir`, serving TLS on that port.
+pub(crate) async fn start_on_port(pki: &Pki, ip: &str, port: u16, data_dir: PathBuf) -> TestServer {
     let (cert, key) = pki.leaf(ip);
     let server_name = format!("{ip}:{port}");
     let tls_listen = format!("{ip}:{port}");
     let listen = format!("{ip}:0");
     let (cert, key, ca) = (cert.display().to_string(), key.display().to_string(), pki.ca_path());
-    TestServer::start_with(&[
-        ("HEARTH_SERVER_NAME", &server_name),
-        ("HEARTH_LISTEN", &listen),
-        ("HEARTH_TLS_LISTEN", &tls_listen),
-        ("HEARTH_TLS_CERT", &cert),
-        ("HEARTH_TLS_KEY", &key),
-        ("HEARTH_FEDERATION_CA", &ca),
-        ("HEARTH_FEDERATION_ALLOW_PRIVATE", "true"),
-    ])
+    TestServer::start_in(
+        data_dir,
+        &[
+            ("HEARTH_SERVER_NAME", &server_name),
+            ("HEARTH_LISTEN", &listen),
+            ("HEARTH_TLS_LISTEN", &tls_listen),
+            ("HEARTH_TLS_CERT", &cert),
+            ("HEARTH_TLS_KEY", &key),
+            ("HEARTH_FEDERATION_CA", &ca),
+            ("HEARTH_FEDERATION_ALLOW_PRIVATE", "true"),
+        ],
+    )
     .await
 }
 

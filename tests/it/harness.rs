@@ -73,6 +73,11 @@ impl TestServer {
         }
     }
 
+    /// Makes the server own `temp` (its data directory), removed when the server is dropped.
+    pub(crate) fn keep(&mut self, temp: tempfile::TempDir) {
+        self._temp = Some(temp);
+    }
+
     /// Stops the server and waits until it has released the database. Returns the temp dir
     /// owner so the data survives for a restart.
     pub(crate) async fn stop(mut self) -> Option<tempfile::TempDir> {

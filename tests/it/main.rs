@@ -16,6 +16,7 @@ mod client_sdk;
 mod discovery;
 mod e2ee;
 mod federation_pair;
+mod federation_restart;
 mod federation_rooms;
 mod federation_transport;
 mod federation_wire;
