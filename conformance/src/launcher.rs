@@ -381,3 +381,199 @@ pub async fn start_hearth(binary: &Path) -> Result<Launched> {
     }
     Ok(launched)
 }
+
+/// A test CA and leaf certificates for servers that federate on loopback addresses.
+pub struct TestPki {
+    dir: tempfile::TempDir,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+/// The certificate and key files of one server.
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// The CA that signed every leaf: what peers trust.
+    pub ca: PathBuf,
+}
+
+impl TestPki {
+    pub fn new() -> Result<Self> {
+        let dir = tempfile::Builder::new().prefix("conformance-pki-").tempdir()?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let key = rcgen::KeyPair::generate()?;
+        let certificate = params.self_signed(&key)?;
+        std::fs::write(dir.path().join("ca.pem"), certificate.pem())?;
+        Ok(Self { dir, issuer: rcgen::Issuer::new(params, key) })
+    }
+
+    /// A leaf certificate for the IP address `ip` (its only subject alternative name).
+    pub fn leaf(&self, ip: &str) -> Result<TlsFiles> {
+        let key = rcgen::KeyPair::generate()?;
+        let certificate =
+            rcgen::CertificateParams::new(vec![ip.to_owned()])?.signed_by(&key, &self.issuer)?;
+        let cert = self.dir.path().join(format!("{ip}.crt"));
+        let key_path = self.dir.path().join(format!("{ip}.key"));
+        std::fs::write(&cert, certificate.pem())?;
+        std::fs::write(&key_path, key.serialize_pem())?;
+        Ok(TlsFiles { cert, key: key_path, ca: self.dir.path().join("ca.pem") })
+    }
+}
+
+/// A free TCP port on `ip`.
+fn free_port_on(ip: &str) -> Result<u16> {
+    let listener = TcpListener::bind((ip, 0)).with_context(|| format!("finding a port on {ip}"))?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A server started to federate: its launch and its server name (`ip:tls_port`).
+pub struct Federating {
+    pub launched: Launched,
+    pub server_name: String,
+}
+
+/// Starts Hearth on `ip` for federation: the client API in plain HTTP, client and federation
+/// APIs over TLS on the port its server name carries, trusting the test CA for peers.
+pub async fn start_hearth_federating(
+    binary: &Path,
+    ip: &str,
+    tls: &TlsFiles,
+) -> Result<Federating> {
+    let data_dir = tempfile::Builder::new().prefix("conformance-hearth-").tempdir()?;
+    let (port, tls_port) = (free_port_on(ip)?, free_port_on(ip)?);
+    let server_name = format!("{ip}:{tls_port}");
+    let log_path = data_dir.path().join("hearth.log");
+    std::fs::create_dir(data_dir.path().join("data"))?;
+    let spawn = Spawn {
+        program: binary.to_path_buf(),
+        args: vec!["serve".into()],
+        env: vec![
+            ("HEARTH_LISTEN".to_owned(), format!("{ip}:{port}").into()),
+            ("HEARTH_DATA_DIR".to_owned(), data_dir.path().join("data").into_os_string()),
+            ("HEARTH_SERVER_NAME".to_owned(), server_name.clone().into()),
+            ("HEARTH_REGISTRATION".to_owned(), "open".into()),
+            ("HEARTH_TLS_LISTEN".to_owned(), server_name.clone().into()),
+            ("HEARTH_TLS_CERT".to_owned(), tls.cert.clone().into_os_string()),
+            ("HEARTH_TLS_KEY".to_owned(), tls.key.clone().into_os_string()),
+            ("HEARTH_FEDERATION_CA".to_owned(), tls.ca.clone().into_os_string()),
+            ("HEARTH_FEDERATION_ALLOW_PRIVATE".to_owned(), "true".into()),
+        ],
+        current_dir: None,
+        output: log_path.clone(),
+    };
+    let child = spawn.spawn()?;
+    let mut launched = Launched {
+        child,
+        base_url: format!("http://{ip}:{port}"),
+        registration: Registration::Open,
+        log_path,
+        spawn,
+        startup: Duration::ZERO,
+        database_dir: data_dir.path().join("data"),
+        _data_dir: data_dir,
+    };
+    if let Err(error) = launched.wait_until_ready(Duration::from_secs(60)).await {
+        launched.stop().await;
+        return Err(error);
+    }
+    Ok(Federating { launched, server_name })
+}
+
+/// Starts Synapse on `ip` for federation (see `shared/synapse-on-loopback.md`): the client API
+/// in plain HTTP, federation over TLS on the port its server name carries, peers' certificates
+/// checked against the test CA, loopback peers allowed, keys fetched from the origin itself.
+pub async fn start_synapse_federating(ip: &str, tls: &TlsFiles) -> Result<Federating> {
+    let venv = ensure_synapse_venv().await?;
+    let python = venv.join("bin").join("python");
+    let data_dir = tempfile::Builder::new().prefix("conformance-synapse-").tempdir()?;
+    let dir = data_dir.path();
+    let (port, tls_port) = (free_port_on(ip)?, free_port_on(ip)?);
+    let server_name = format!("{ip}:{tls_port}");
+    let config_path = dir.join("homeserver.yaml");
+    run_checked(
+        Command::new(&python)
+            .args(["-m", "synapse.app.homeserver", "--server-name", &server_name, "--config-path"])
+            .arg(&config_path)
+            .arg("--data-directory")
+            .arg(dir)
+            .args(["--generate-config", "--report-stats=no"])
+            .current_dir(dir),
+        "synapse --generate-config",
+    )
+    .await?;
+    let mut overrides = json!({
+        "listeners": [
+            {
+                "port": port,
+                "bind_addresses": [ip],
+                "type": "http",
+                "tls": false,
+                "x_forwarded": false,
+                "resources": [{"names": ["client"], "compress": false}],
+            },
+            {
+                "port": tls_port,
+                "bind_addresses": [ip],
+                "type": "http",
+                "tls": true,
+                "resources": [{"names": ["federation"], "compress": false}],
+            },
+        ],
+        "tls_certificate_path": tls.cert,
+        "tls_private_key_path": tls.key,
+        "federation_verify_certificates": true,
+        "federation_custom_ca_list": [tls.ca],
+        "federation_ip_range_blacklist": [],
+        "ip_range_whitelist": ["127.0.0.0/8"],
+        "public_baseurl": format!("http://{ip}:{port}/"),
+        "database": {"name": "sqlite3", "args": {"database": dir.join("homeserver.db")}},
+        "enable_registration": true,
+        "enable_registration_without_verification": true,
+        "bcrypt_rounds": 4,
+        "report_stats": false,
+        "trusted_key_servers": [],
+        "suppress_key_server_warning": true,
+        "caches": {"sync_response_cache_duration": 0},
+        "presence": {"enabled": true},
+        "url_preview_enabled": false,
+    });
+    if let (Some(target), serde_json::Value::Object(limits)) =
+        (overrides.as_object_mut(), rate_limits())
+    {
+        target.extend(limits);
+    }
+    let overrides_path = dir.join("overrides.yaml");
+    std::fs::write(&overrides_path, serde_json::to_string_pretty(&overrides)?)?;
+    let log_path = dir.join("stdout.log");
+    let spawn = Spawn {
+        program: python,
+        args: vec![
+            "-m".into(),
+            "synapse.app.homeserver".into(),
+            "--config-path".into(),
+            config_path.into_os_string(),
+            "--config-path".into(),
+            overrides_path.into_os_string(),
+        ],
+        env: Vec::new(),
+        current_dir: Some(dir.to_path_buf()),
+        output: log_path.clone(),
+    };
+    let child = spawn.spawn().context("starting Synapse")?;
+    let mut launched = Launched {
+        child,
+        base_url: format!("http://{ip}:{port}"),
+        registration: Registration::Open,
+        log_path: dir.join("homeserver.log"),
+        spawn,
+        startup: Duration::ZERO,
+        database_dir: dir.to_path_buf(),
+        _data_dir: data_dir,
+    };
+    if let Err(error) = launched.wait_until_ready(Duration::from_secs(90)).await {
+        let stdout = std::fs::read_to_string(&log_path).unwrap_or_default();
+        launched.stop().await;
+        return Err(error.context(format!("Synapse stdout/stderr:\n{stdout}")));
+    }
+    Ok(Federating { launched, server_name })
+}

@@ -9,6 +9,7 @@
 use conformance::{client, launcher};
 
 mod clients;
+mod federation;
 mod report;
 mod runner;
 mod rust_sdk;
@@ -52,6 +53,35 @@ enum Commands {
     ClientJs(RunArgs),
     /// Runs the matrix-sdk (Rust) real-client scenario against the server.
     ClientRust(RunArgs),
+    /// Runs the federation section against two servers it starts on loopback addresses.
+    Federation(FederationArgs),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum PairKind {
+    /// Two Hearth servers.
+    HearthHearth,
+    /// Hearth first, Synapse second.
+    HearthSynapse,
+}
+
+#[derive(clap::Args, Debug)]
+struct FederationArgs {
+    /// Which two servers federate.
+    #[arg(long, value_enum)]
+    pair: PairKind,
+    /// The Hearth binary (default: build it from the workspace).
+    #[arg(long, env = "HEARTH_BIN")]
+    hearth_bin: Option<PathBuf>,
+    /// Where cargo puts builds, to find the Hearth binary it built.
+    #[arg(long, env = "CARGO_TARGET_DIR", hide = true)]
+    cargo_target_dir: Option<PathBuf>,
+    /// Where to write the JSON report (default target/conformance-federation-<pair>.json).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Each check fails when it takes longer than this.
+    #[arg(long, default_value_t = 90)]
+    timeout_secs: u64,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -111,6 +141,7 @@ fn main() -> ExitCode {
             Some(Commands::Docs { hearth, synapse, output }) => docs(hearth, synapse, output),
             Some(Commands::ClientJs(args)) => run(args, Suite::JsSdk).await,
             Some(Commands::ClientRust(args)) => run(args, Suite::RustSdk).await,
+            Some(Commands::Federation(args)) => run_federation(args).await,
             None => run(cli.run, Suite::Conformance).await,
         }
     });
@@ -135,6 +166,62 @@ fn docs(hearth: Vec<PathBuf>, synapse: Vec<PathBuf>, output: Option<PathBuf>) ->
     report::write_docs(hearth.as_ref(), synapse.as_ref(), &output)?;
     println!("wrote {}", output.display());
     Ok(true)
+}
+
+/// Starts the pair, runs the federation section, stops both; `Ok(false)` when a check failed.
+async fn run_federation(args: FederationArgs) -> Result<bool> {
+    let binary =
+        launcher::hearth_binary(args.hearth_bin.clone(), args.cargo_target_dir.clone()).await?;
+    let pki = launcher::TestPki::new()?;
+    let (label, first, second) = match args.pair {
+        PairKind::HearthHearth => {
+            let first =
+                launcher::start_hearth_federating(&binary, "127.0.0.10", &pki.leaf("127.0.0.10")?)
+                    .await?;
+            let second =
+                launcher::start_hearth_federating(&binary, "127.0.0.11", &pki.leaf("127.0.0.11")?)
+                    .await?;
+            ("hearth+hearth", first, second)
+        }
+        PairKind::HearthSynapse => {
+            let first =
+                launcher::start_hearth_federating(&binary, "127.0.0.12", &pki.leaf("127.0.0.12")?)
+                    .await?;
+            let second =
+                launcher::start_synapse_federating("127.0.0.13", &pki.leaf("127.0.0.13")?).await?;
+            ("hearth+synapse", first, second)
+        }
+    };
+    let pair = federation::Pair {
+        first: Ctx::new(&first.launched.base_url, first.launched.registration.clone())?,
+        second: Ctx::new(&second.launched.base_url, second.launched.registration.clone())?,
+        first_name: first.server_name.clone(),
+        second_name: second.server_name.clone(),
+    };
+    println!(
+        "running the federation section between {} and {} ({label})",
+        first.server_name, second.server_name
+    );
+    let started = Instant::now();
+    let outcome = tokio::select! {
+        results = federation::run(&pair, &Default::default(), Duration::from_secs(args.timeout_secs)) => Ok(results),
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    first.launched.stop().await;
+    second.launched.stop().await;
+    let results = outcome?;
+    let wall_time_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let report =
+        Report::new(label, None, &pair.first.base_url().to_owned(), None, wall_time_ms, results);
+    let report_path = args.report.clone().unwrap_or_else(|| {
+        launcher::workspace_root()
+            .join("target")
+            .join(format!("conformance-federation-{}.json", label.replace('+', "-")))
+    });
+    report.write(&report_path).context("writing the report")?;
+    println!("report: {} (wall time {:.1} s)", report_path.display(), wall_time_ms as f64 / 1000.0);
+    runner::print_summary(&report);
+    Ok(report.failed == 0)
 }
 
 /// What `run` runs against the server.
