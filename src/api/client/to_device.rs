@@ -6,14 +6,15 @@
 use std::collections::BTreeMap;
 
 use axum::{Json, Router, extract::State, routing::put};
-use ruma::{OwnedDeviceId, OwnedUserId};
+use ruma::{OwnedDeviceId, OwnedUserId, UserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::{
+    accounts::Accounts,
     api::{
         AppState,
-        error::ApiResult,
+        error::{ApiError, ApiResult},
         extract::{Auth, Body, PathIds},
     },
     e2ee::ToDeviceDelivery,
@@ -44,23 +45,35 @@ async fn send_to_device(
             tracing::warn!(%user_id, "to-device messages to remote users are not sent yet");
             continue;
         }
-        let existing: Vec<OwnedDeviceId> =
-            state.accounts.devices(&user_id)?.into_iter().map(|device| device.device_id).collect();
-        for (device, content) in devices {
-            let targets: Vec<OwnedDeviceId> = if device == "*" {
-                existing.clone()
-            } else {
-                existing.iter().filter(|known| known.as_str() == device).cloned().collect()
-            };
-            for device_id in targets {
-                deliveries.push(ToDeviceDelivery {
-                    user_id: user_id.clone(),
-                    device_id,
-                    content: content.clone(),
-                });
-            }
-        }
+        deliveries.extend(local_deliveries(&state.accounts, &user_id, devices)?);
     }
     state.e2ee.send_to_device(&auth.user_id, &auth.device_id, txn_id, kind, &deliveries)?;
     Ok(Json(json!({})))
+}
+
+/// The deliveries of one local user's messages (device id or `*` -> content): `*` means every
+/// device of the user, and devices that do not exist are skipped.
+pub(crate) fn local_deliveries(
+    accounts: &Accounts,
+    user_id: &UserId,
+    devices: BTreeMap<String, Value>,
+) -> Result<Vec<ToDeviceDelivery>, ApiError> {
+    let existing: Vec<OwnedDeviceId> =
+        accounts.devices(user_id)?.into_iter().map(|device| device.device_id).collect();
+    let mut deliveries = Vec::new();
+    for (device, content) in devices {
+        let targets: Vec<OwnedDeviceId> = if device == "*" {
+            existing.clone()
+        } else {
+            existing.iter().filter(|known| known.as_str() == device).cloned().collect()
+        };
+        for device_id in targets {
+            deliveries.push(ToDeviceDelivery {
+                user_id: user_id.to_owned(),
+                device_id,
+                content: content.clone(),
+            });
+        }
+    }
+    Ok(deliveries)
 }

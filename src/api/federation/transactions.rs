@@ -1,4 +1,5 @@
-//! Transactions: `PUT /_matrix/federation/v1/send/{txnId}`, PDUs answered one by one.
+//! Transactions: `PUT /_matrix/federation/v1/send/{txnId}`, PDUs answered one by one, then
+//! the EDUs handed to [`super::edus::receive_edus`].
 //!
 //! [Transactions](https://spec.matrix.org/v1.16/server-server-api/#transactions)
 
@@ -6,7 +7,7 @@ use axum::{Json, Router, extract::State, routing::put};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::XMatrixOrigin;
+use super::{XMatrixOrigin, edus::receive_edus};
 use crate::{
     api::{
         AppState,
@@ -31,6 +32,7 @@ struct Transaction {
 
 /// `PUT /_matrix/federation/v1/send/{txnId}`
 async fn send_transaction(
+    State(state): State<AppState>,
     State(rooms): State<Rooms>,
     State(remote): State<Remote>,
     XMatrixOrigin(origin): XMatrixOrigin,
@@ -42,6 +44,8 @@ async fn send_transaction(
         .receive_transaction(&origin, txn_id, transaction.pdus, transaction.edus.len(), &remote)
         .await
         .map_err(|error| ApiError::bad_json(error.to_string()))?;
+    // After the PDUs: an EDU may concern a user whose join is in the same transaction.
+    receive_edus(&state, &origin, transaction.edus).await?;
     let mut pdus = Map::new();
     for (event_id, result) in results {
         let answer = match result {
