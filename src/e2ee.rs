@@ -6,13 +6,18 @@
 //!
 //! [End-to-end encryption](https://spec.matrix.org/v1.16/client-server-api/#end-to-end-encryption),
 //! [send-to-device messaging](https://spec.matrix.org/v1.16/client-server-api/#send-to-device-messaging)
+//!
+//! Other servers' users: [`remote`] asks their servers; received EDUs land here through
+//! [`E2ee::record_remote_key_change`] and [`E2ee::receive_remote_to_device`].
+
+pub mod remote;
 
 use std::{
     collections::BTreeMap,
     sync::{Arc, Mutex},
 };
 
-use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, UserId};
+use ruma::{DeviceId, OwnedDeviceId, OwnedUserId, ServerName, UserId};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use storage::{Batch, Db, keys};
@@ -41,6 +46,12 @@ const TO_DEVICE_CURSORS: &str = "user_device_batch_to_to_device_cursor";
 pub const TO_DEVICE_PER_SYNC_MAX: usize = 100;
 /// (sender user, sender device, txn id) -> nothing: the transaction was already sent.
 const TO_DEVICE_TXNS: &str = "user_device_txn_to_to_device_txn";
+/// (origin server, `message_id`) -> nothing: that server's `m.direct_to_device` EDU was already
+/// delivered.
+const REMOTE_TO_DEVICE_MESSAGES: &str = "server_message_to_to_device_message";
+/// user -> the stream position of the user's last key change (8 bytes, big-endian): the
+/// `stream_id` of the user's device list over federation.
+const LAST_KEY_CHANGE: &str = "user_to_last_key_change";
 
 /// Why an E2EE operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -241,6 +252,7 @@ impl E2ee {
                 let mut key = keys::encode_u64(position).to_vec();
                 key.extend_from_slice(user_id.as_bytes());
                 batch.put_raw(KEY_CHANGES, &key, b"")?;
+                batch.put_raw(LAST_KEY_CHANGE, user_id.as_bytes(), &keys::encode_u64(position))?;
             }
             Ok(())
         })?;
@@ -372,6 +384,30 @@ impl E2ee {
                 storage::Error::Corrupt { table: DEVICE_KEYS.to_owned(), source }
             })?;
             devices.insert(device_id, value);
+        }
+        Ok(devices)
+    }
+
+    /// The device keys of `keys/query` (client or federation) for one user: the wanted
+    /// devices (all when `wanted` is empty), each with `unsigned.device_display_name` from
+    /// `names` (device id -> display name) when the device has one.
+    pub fn device_keys_for_query(
+        &self,
+        user_id: &UserId,
+        wanted: &[OwnedDeviceId],
+        names: &BTreeMap<String, Option<String>>,
+    ) -> Result<Map<String, Value>, E2eeError> {
+        let mut devices = Map::new();
+        for (device_id, mut keys) in self.device_keys(user_id)? {
+            if !wanted.is_empty() && !wanted.iter().any(|wanted| wanted.as_str() == device_id) {
+                continue;
+            }
+            if let Some(Some(name)) = names.get(&device_id)
+                && let Some(object) = keys.as_object_mut()
+            {
+                object.insert("unsigned".into(), serde_json::json!({"device_display_name": name}));
+            }
+            devices.insert(device_id, keys);
         }
         Ok(devices)
     }
@@ -704,6 +740,26 @@ impl E2ee {
         Ok(users)
     }
 
+    /// A remote user's devices or cross-signing keys changed (an `m.device_list_update` or
+    /// `m.signing_key_update` EDU): a key-change entry, so that local users who share a room
+    /// with them see it in `device_lists.changed` and `keys/changes` and query the keys again.
+    /// Nothing of the remote user's keys is kept here: `keys/query` always asks their server.
+    #[instrument(skip_all, fields(user_id = %user_id))]
+    pub fn record_remote_key_change(&self, user_id: &UserId) -> Result<(), E2eeError> {
+        self.commit(&[user_id], |_| Ok(()))
+    }
+
+    /// The `stream_id` of the user's device list over federation: the position of the user's
+    /// last key change (0 before any), so it grows with every change.
+    /// [Device management](https://spec.matrix.org/v1.16/server-server-api/#device-management)
+    pub fn device_list_stream_id(&self, user_id: &UserId) -> Result<u64, E2eeError> {
+        Ok(self
+            .db
+            .get_raw(LAST_KEY_CHANGE, user_id.as_bytes())?
+            .and_then(|bytes| keys::decode_u64(&bytes))
+            .unwrap_or(0))
+    }
+
     /// Forgets deleted devices: their keys and to-device queues; a key change for the user.
     #[instrument(skip_all, fields(user_id = %user_id))]
     pub fn delete_devices(
@@ -746,12 +802,41 @@ impl E2ee {
         messages: &[ToDeviceDelivery],
     ) -> Result<bool, E2eeError> {
         let txn_key = keys::join(&[sender.as_bytes(), sender_device.as_bytes(), txn_id.as_bytes()]);
+        self.queue_to_device((TO_DEVICE_TXNS, &txn_key), sender, kind, messages)
+    }
+
+    /// An `m.direct_to_device` EDU from `origin`: queues each message like
+    /// [`E2ee::send_to_device`]. Returns false, and queues nothing, when `origin` already sent
+    /// `message_id` (servers retry transactions, and the spec makes the id the idempotence key).
+    /// [Send-to-device messaging](https://spec.matrix.org/v1.16/server-server-api/#send-to-device-messaging)
+    #[instrument(skip_all, fields(origin = %origin, sender = %sender, kind = %kind))]
+    pub fn receive_remote_to_device(
+        &self,
+        origin: &ServerName,
+        message_id: &str,
+        sender: &UserId,
+        kind: &str,
+        messages: &[ToDeviceDelivery],
+    ) -> Result<bool, E2eeError> {
+        let message_key = keys::join(&[origin.as_bytes(), message_id.as_bytes()]);
+        self.queue_to_device((REMOTE_TO_DEVICE_MESSAGES, &message_key), sender, kind, messages)
+    }
+
+    /// Queues to-device messages at one stream position, unless `(table, key)` (the idempotence
+    /// record) is already there; writes that record in the same batch, under the lock.
+    fn queue_to_device(
+        &self,
+        (done_table, done_key): (&str, &[u8]),
+        sender: &UserId,
+        kind: &str,
+        messages: &[ToDeviceDelivery],
+    ) -> Result<bool, E2eeError> {
         let _guard = self.locked();
-        if self.db.contains(TO_DEVICE_TXNS, &txn_key)? {
+        if self.db.contains(done_table, done_key)? {
             return Ok(false);
         }
         let (position, ()) = self.db.write_at_next_position(|position, batch| {
-            batch.put_raw(TO_DEVICE_TXNS, &txn_key, b"")?;
+            batch.put_raw(done_table, done_key, b"")?;
             for (index, message) in (0u64..).zip(messages) {
                 let mut key =
                     keys::prefix(&[message.user_id.as_bytes(), message.device_id.as_bytes()]);

@@ -66,6 +66,8 @@ pub const TABLES: &[&str] = &[
     "user_device_position_to_to_device",
     "user_device_txn_to_to_device_txn",
     "user_device_batch_to_to_device_cursor",
+    "server_message_to_to_device_message",
+    "user_to_last_key_change",
     "server_name_to_server_keys",
     "user_version_to_key_backup_version",
     "user_version_room_session_to_room_key",

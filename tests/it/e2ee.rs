@@ -11,7 +11,7 @@ const UPLOAD: &str = "/_matrix/client/v3/keys/upload";
 const QUERY: &str = "/_matrix/client/v3/keys/query";
 const CLAIM: &str = "/_matrix/client/v3/keys/claim";
 
-fn device_keys(user: &User) -> Value {
+pub(crate) fn device_keys(user: &User) -> Value {
     json!({
         "user_id": user.user_id,
         "device_id": user.device_id,
@@ -258,12 +258,12 @@ async fn key_changes_reach_users_who_share_a_room() {
 
 /// An ed25519 key pair whose key id is its unpadded base64 public key, as cross-signing keys
 /// are named.
-struct SigningKey {
+pub(crate) struct SigningKey {
     pair: Ed25519KeyPair,
     public: String,
 }
 
-fn signing_key() -> SigningKey {
+pub(crate) fn signing_key() -> SigningKey {
     let der = Ed25519KeyPair::generate();
     let public = ruma::serde::Base64::<ruma::serde::base64::Standard, _>::new(
         Ed25519KeyPair::from_der(&der, "x".into()).expect("key").public_key().to_vec(),
@@ -279,7 +279,7 @@ fn sign(object: &mut Value, signer: &str, key: &SigningKey) {
     *object = serde_json::to_value(canonical).expect("json");
 }
 
-fn cross_signing_key(
+pub(crate) fn cross_signing_key(
     user: &User,
     usage: &str,
     key: &SigningKey,

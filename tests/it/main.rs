@@ -15,6 +15,7 @@ mod client_e2ee;
 mod client_sdk;
 mod discovery;
 mod e2ee;
+mod federation_e2ee;
 mod federation_pair;
 mod federation_restart;
 mod federation_rooms;

@@ -1,10 +1,11 @@
 //! Key management for end-to-end encryption: upload, query, claim, changes, cross-signing
-//! keys and signatures. Local users only; remote users are the federation half's job.
+//! keys and signatures. Query and claim reach other servers for their users
+//! ([`crate::e2ee::remote`]); signatures of other servers' users are not forwarded.
 //!
 //! [Key management API](https://spec.matrix.org/v1.16/client-server-api/#key-management-api),
 //! [cross-signing](https://spec.matrix.org/v1.16/client-server-api/#cross-signing)
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use axum::{
     Json, Router,
@@ -22,7 +23,7 @@ use crate::{
         error::{ApiError, ApiResult, signature_failure},
         extract::{Auth, Body, Query},
     },
-    e2ee::{CrossSigningKind, E2ee},
+    e2ee::{ClaimedKey, CrossSigningKind, E2ee, remote},
     sync::parse_token,
 };
 
@@ -65,13 +66,37 @@ async fn upload_keys(
 #[derive(Deserialize)]
 struct QueryBody {
     device_keys: BTreeMap<OwnedUserId, Vec<OwnedDeviceId>>,
+    #[serde(default)]
+    timeout: Option<Value>,
 }
 
 fn is_local(state: &AppState, user_id: &UserId) -> bool {
     user_id.server_name() == state.accounts.server_name()
 }
 
+/// The `timeout` of `keys/query` and `keys/claim`: how long to wait for other servers, in
+/// milliseconds. Anything but a non-negative integer means the default.
+fn remote_timeout(timeout: Option<&Value>) -> Duration {
+    timeout.and_then(Value::as_u64).map_or(remote::DEFAULT_TIMEOUT, Duration::from_millis)
+}
+
+/// Display names of the user's devices, by device id.
+pub(crate) fn device_names(
+    state: &AppState,
+    user_id: &UserId,
+) -> Result<BTreeMap<String, Option<String>>, ApiError> {
+    Ok(state
+        .accounts
+        .devices(user_id)?
+        .into_iter()
+        .map(|device| (device.device_id.to_string(), device.display_name))
+        .collect())
+}
+
 /// `POST /_matrix/client/v3/keys/query`
+///
+/// Users of other servers: their servers are asked (see [`remote::query_keys`]) and their
+/// answers merged in; servers that fail are listed in `failures`.
 async fn query_keys(
     State(state): State<AppState>,
     auth: Auth,
@@ -81,29 +106,11 @@ async fn query_keys(
     let mut master_keys = Map::new();
     let mut self_signing_keys = Map::new();
     let mut user_signing_keys = Map::new();
-    for (user_id, wanted) in &body.device_keys {
-        if !is_local(&state, user_id) {
-            tracing::warn!(%user_id, "keys/query for a remote user is not supported yet");
-            continue;
-        }
-        let names: BTreeMap<String, Option<String>> = state
-            .accounts
-            .devices(user_id)?
-            .into_iter()
-            .map(|device| (device.device_id.to_string(), device.display_name))
-            .collect();
-        let mut devices = Map::new();
-        for (device_id, mut keys) in state.e2ee.device_keys(user_id)? {
-            if !wanted.is_empty() && !wanted.iter().any(|wanted| wanted.as_str() == device_id) {
-                continue;
-            }
-            if let Some(Some(name)) = names.get(&device_id)
-                && let Some(object) = keys.as_object_mut()
-            {
-                object.insert("unsigned".into(), json!({"device_display_name": name}));
-            }
-            devices.insert(device_id, keys);
-        }
+    let (local, remote): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        body.device_keys.into_iter().partition(|(user_id, _)| is_local(&state, user_id));
+    for (user_id, wanted) in &local {
+        let names = device_names(&state, user_id)?;
+        let devices = state.e2ee.device_keys_for_query(user_id, wanted, &names)?;
         device_keys.insert(user_id.to_string(), Value::Object(devices));
         let mut sections = vec![
             (CrossSigningKind::Master, &mut master_keys),
@@ -119,38 +126,63 @@ async fn query_keys(
             }
         }
     }
+    let mut failures = Map::new();
+    if !remote.is_empty() {
+        let timeout = remote_timeout(body.timeout.as_ref());
+        let answers = remote::query_keys(&state.federation, remote, timeout).await;
+        device_keys.extend(answers.device_keys);
+        master_keys.extend(answers.master_keys);
+        self_signing_keys.extend(answers.self_signing_keys);
+        failures = answers.failures;
+    }
     Ok(Json(json!({
         "device_keys": device_keys,
         "master_keys": master_keys,
         "self_signing_keys": self_signing_keys,
         "user_signing_keys": user_signing_keys,
-        "failures": {},
+        "failures": failures,
     })))
 }
 
 #[derive(Deserialize)]
 struct ClaimBody {
     one_time_keys: BTreeMap<OwnedUserId, BTreeMap<OwnedDeviceId, String>>,
+    #[serde(default)]
+    timeout: Option<Value>,
 }
 
 /// `POST /_matrix/client/v3/keys/claim`
+///
+/// Keys of other servers' users are claimed from their servers (see [`remote::claim_keys`]);
+/// servers that fail are listed in `failures`.
 async fn claim_keys(
     State(state): State<AppState>,
     _auth: Auth,
     Body(body): Body<ClaimBody>,
 ) -> ApiResult {
+    let (local, remote): (BTreeMap<_, _>, BTreeMap<_, _>) =
+        body.one_time_keys.into_iter().partition(|(user_id, _)| is_local(&state, user_id));
     let mut wanted = Vec::new();
-    for (user_id, devices) in body.one_time_keys {
-        if !is_local(&state, &user_id) {
-            tracing::warn!(%user_id, "keys/claim for a remote user is not supported yet");
-            continue;
-        }
+    for (user_id, devices) in local {
         for (device_id, algorithm) in devices {
             wanted.push((user_id.clone(), device_id, algorithm));
         }
     }
+    let mut one_time_keys = claimed_keys_json(state.e2ee.claim_keys(&wanted)?);
+    let mut failures = Map::new();
+    if !remote.is_empty() {
+        let timeout = remote_timeout(body.timeout.as_ref());
+        let answers = remote::claim_keys(&state.federation, remote, timeout).await;
+        one_time_keys.extend(answers.one_time_keys);
+        failures = answers.failures;
+    }
+    Ok(Json(json!({"one_time_keys": one_time_keys, "failures": failures})))
+}
+
+/// Claimed keys as `keys/claim` answers them: user -> device -> `algorithm:key_id` -> key.
+pub(crate) fn claimed_keys_json(claimed: Vec<ClaimedKey>) -> Map<String, Value> {
     let mut one_time_keys: BTreeMap<String, BTreeMap<String, Map<String, Value>>> = BTreeMap::new();
-    for claimed in state.e2ee.claim_keys(&wanted)? {
+    for claimed in claimed {
         one_time_keys
             .entry(claimed.user_id.to_string())
             .or_default()
@@ -158,7 +190,7 @@ async fn claim_keys(
             .or_default()
             .insert(claimed.key_id, claimed.key);
     }
-    Ok(Json(json!({"one_time_keys": one_time_keys, "failures": {}})))
+    one_time_keys.into_iter().map(|(user_id, devices)| (user_id, json!(devices))).collect()
 }
 
 #[derive(Deserialize)]

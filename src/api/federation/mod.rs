@@ -5,11 +5,13 @@
 //!
 //! [Server-server API](https://spec.matrix.org/v1.16/server-server-api/)
 
+pub mod edus;
 pub mod events;
 pub mod keys;
 pub mod membership;
 pub mod query;
 pub mod transactions;
+pub mod user;
 
 use axum::{
     Json, Router,
@@ -35,6 +37,7 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .merge(transactions::routes())
         .merge(events::routes())
         .merge(membership::routes())
+        .merge(user::routes())
         .route_layer(middleware::from_fn_with_state(state, verify_x_matrix));
     Router::new()
         .route("/_matrix/federation/v1/version", get(version))

@@ -1,5 +1,6 @@
 //! Transactions: `PUT /_matrix/federation/v1/send/{txnId}`, PDUs answered one by one, then
-//! the EDUs applied (typing, receipts, presence).
+//! the EDUs handed to [`super::edus::receive_edus`] (typing, receipts, presence, device lists,
+//! to-device).
 //!
 //! [Transactions](https://spec.matrix.org/v1.16/server-server-api/#transactions)
 
@@ -7,18 +8,16 @@ use axum::{Json, Router, extract::State, routing::put};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::XMatrixOrigin;
+use super::{XMatrixOrigin, edus::receive_edus};
 use crate::{
     api::{
         AppState,
         error::{ApiError, ApiResult},
         extract::{Body, PathIds},
     },
-    edus,
-    ephemeral::Ephemeral,
     rooms::{
         Rooms,
-        ingest::{EDUS_PER_TRANSACTION_MAX, Remote},
+        ingest::Remote,
     },
 };
 
@@ -37,8 +36,8 @@ struct Transaction {
 
 /// `PUT /_matrix/federation/v1/send/{txnId}`
 async fn send_transaction(
+    State(state): State<AppState>,
     State(rooms): State<Rooms>,
-    State(ephemeral): State<Ephemeral>,
     State(remote): State<Remote>,
     XMatrixOrigin(origin): XMatrixOrigin,
     path: PathIds,
@@ -49,16 +48,8 @@ async fn send_transaction(
         .receive_transaction(&origin, txn_id, transaction.pdus, transaction.edus.len(), &remote)
         .await
         .map_err(|error| ApiError::bad_json(error.to_string()))?;
-    // EDUs after the PDUs, so a receipt can name an event of the same transaction.
-    for edu in transaction.edus.iter().take(EDUS_PER_TRANSACTION_MAX) {
-        let edu_type = edu.get("edu_type").and_then(Value::as_str).unwrap_or_default();
-        let content = edu.get("content").unwrap_or(&Value::Null);
-        match edus::receive(&rooms, &ephemeral, &origin, edu_type, content) {
-            Ok(true) => {}
-            Ok(false) => tracing::debug!(edu_type, "EDU type not handled"),
-            Err(error) => tracing::warn!(edu_type, %error, "EDU not applied"),
-        }
-    }
+    // After the PDUs: an EDU may concern a user whose join is in the same transaction.
+    receive_edus(&state, &origin, transaction.edus).await?;
     let mut pdus = Map::new();
     for (event_id, result) in results {
         let answer = match result {
