@@ -13,6 +13,7 @@ pub mod filter;
 pub mod key_backup;
 pub mod notify;
 pub mod remote;
+pub mod remote_directory;
 pub mod rooms;
 pub mod server;
 pub mod server_keys;

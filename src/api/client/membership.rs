@@ -1,5 +1,5 @@
-//! Room membership endpoints: join, invite, leave, forget, kick, ban, unban, and the member
-//! lists.
+//! Room membership endpoints: join, knock, invite, leave, forget, kick, ban, unban, and the
+//! member lists.
 //!
 //! [Room membership](https://spec.matrix.org/v1.16/client-server-api/#room-membership)
 
@@ -23,6 +23,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/_matrix/client/v3/join/{roomIdOrAlias}", post(join_by_id_or_alias))
         .route("/_matrix/client/v3/rooms/{roomId}/join", post(join_by_id))
+        .route("/_matrix/client/v3/knock/{roomIdOrAlias}", post(knock))
         .route("/_matrix/client/v3/rooms/{roomId}/invite", post(invite))
         .route("/_matrix/client/v3/rooms/{roomId}/leave", post(leave))
         .route("/_matrix/client/v3/rooms/{roomId}/forget", post(forget))
@@ -65,8 +66,14 @@ async fn join_by_id_or_alias(
     path: PathIds,
     Body(body): Body<ReasonBody>,
 ) -> ApiResult {
+    let room_id = room_id_or_local_alias(&state, &path)?;
+    join_room(&state, &auth, &room_id, body.reason).await
+}
+
+/// The room named by the `roomIdOrAlias` path segment: a room id, or an alias of this server.
+fn room_id_or_local_alias(state: &AppState, path: &PathIds) -> Result<OwnedRoomId, ApiError> {
     let target = path.get("roomIdOrAlias")?;
-    let room_id: OwnedRoomId = if target.starts_with('#') {
+    if target.starts_with('#') {
         let alias = RoomAliasId::parse(target)
             .map_err(|_| ApiError::invalid_param("Invalid room alias"))?;
         if alias.server_name() != state.config.server_name {
@@ -75,11 +82,26 @@ async fn join_by_id_or_alias(
         state
             .rooms
             .resolve_local_alias(&alias)?
-            .ok_or_else(|| ApiError::not_found("Room alias not found"))?
+            .ok_or_else(|| ApiError::not_found("Room alias not found"))
     } else {
-        parse_id(target, "room id or alias")?
-    };
-    join_room(&state, &auth, &room_id, body.reason).await
+        parse_id(target, "room id or alias")
+    }
+}
+
+/// `POST /_matrix/client/v3/knock/{roomIdOrAlias}`: knocks on a room of this server.
+async fn knock(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<ReasonBody>,
+) -> ApiResult {
+    let room_id = room_id_or_local_alias(&state, &path)?;
+    if state.rooms.room(&room_id)?.is_none() {
+        // Knocking through another server needs `make_knock`/`send_knock` sent from here.
+        return Err(ApiError::not_found("This server is not in the room"));
+    }
+    state.rooms.knock(&room_id, &auth.user_id, profile(&state, &auth)?, body.reason).await?;
+    Ok(Json(json!({"room_id": room_id})))
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/join`
