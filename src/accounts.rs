@@ -1,5 +1,6 @@
 //! Local accounts: users with argon2 password hashes, their devices and access tokens (stored
-//! only as SHA-256 hashes), profiles and sync filters.
+//! only as SHA-256 hashes), profiles, sync filters, and the OpenID tokens with which a user
+//! proves its identity to a third party (also stored hashed, with their expiry).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -140,6 +141,17 @@ const ACCOUNTS: &str = "user_id_to_account";
 const SESSIONS: &str = "token_hash_to_session";
 const DEVICES: &str = "user_device_to_device";
 const FILTERS: &str = "user_filter_to_filter";
+const OPENID_TOKENS: &str = "openid_token_hash_to_openid_token";
+
+/// How long an OpenID token is valid, in seconds.
+pub const OPENID_TOKEN_LIFETIME_S: u64 = 3600;
+
+/// A stored OpenID token: whose it is, and until when.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct OpenIdToken {
+    user_id: OwnedUserId,
+    expires_at_ms: u64,
+}
 
 /// Milliseconds since the epoch.
 pub fn now_ms() -> u64 {
@@ -462,6 +474,45 @@ impl Accounts {
     ) -> Result<Option<serde_json::Value>, AccountError> {
         Ok(self.db.get(FILTERS, &keys::join(&[user_id.as_bytes(), filter_id.as_bytes()]))?)
     }
+
+    /// A new OpenID token for `user_id`, valid for [`OPENID_TOKEN_LIFETIME_S`]. Expired tokens
+    /// are swept out at the same time, so the table holds about an hour's worth.
+    ///
+    /// [OpenID](https://spec.matrix.org/v1.16/client-server-api/#openid)
+    pub fn create_openid_token(&self, user_id: &UserId) -> Result<String, AccountError> {
+        let token = random_string(40);
+        let now = now_ms();
+        let mut batch = self.db.batch();
+        for (key, value) in self.db.scan_prefix(OPENID_TOKENS, b"")? {
+            let expired = serde_json::from_slice::<OpenIdToken>(&value)
+                .map_or(true, |stored| stored.expires_at_ms <= now);
+            if expired {
+                batch.delete(OPENID_TOKENS, &key)?;
+            }
+        }
+        let stored = OpenIdToken {
+            user_id: user_id.to_owned(),
+            expires_at_ms: now + OPENID_TOKEN_LIFETIME_S * 1000,
+        };
+        batch.put(OPENID_TOKENS, token_hash(&token).as_bytes(), &stored)?;
+        self.db.write(batch)?;
+        Ok(token)
+    }
+
+    /// The user an OpenID token was issued to, if it is known and has not expired.
+    pub fn openid_token_user(&self, token: &str) -> Result<Option<OwnedUserId>, AccountError> {
+        let key = token_hash(token);
+        let Some(stored) = self.db.get::<OpenIdToken>(OPENID_TOKENS, key.as_bytes())? else {
+            return Ok(None);
+        };
+        if stored.expires_at_ms <= now_ms() {
+            let mut batch = self.db.batch();
+            batch.delete(OPENID_TOKENS, key.as_bytes())?;
+            self.db.write(batch)?;
+            return Ok(None);
+        }
+        Ok(Some(stored.user_id))
+    }
 }
 
 #[cfg(test)]
@@ -499,6 +550,25 @@ mod tests {
         assert_eq!(accounts.session_for_token(&token).unwrap().unwrap().device_id, device_id);
         accounts.delete_device(&user_id, device_id.as_str()).unwrap();
         assert!(accounts.session_for_token(&token).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn openid_tokens_are_stored_hashed_and_expire() {
+        let (_dir, accounts) = accounts();
+        let user_id = accounts.user_id_for("carol").unwrap();
+        let token = accounts.create_openid_token(&user_id).unwrap();
+        assert!(accounts.db.get_raw(OPENID_TOKENS, token.as_bytes()).unwrap().is_none());
+        assert_eq!(accounts.openid_token_user(&token).unwrap(), Some(user_id.clone()));
+        assert_eq!(accounts.openid_token_user("unknown").unwrap(), None);
+        // An expired token is refused, and forgotten.
+        let expired = OpenIdToken { user_id: user_id.clone(), expires_at_ms: now_ms() - 1 };
+        let mut batch = accounts.db.batch();
+        batch.put(OPENID_TOKENS, token_hash("old").as_bytes(), &expired).unwrap();
+        accounts.db.write(batch).unwrap();
+        assert_eq!(accounts.openid_token_user("old").unwrap(), None);
+        assert!(
+            accounts.db.get_raw(OPENID_TOKENS, token_hash("old").as_bytes()).unwrap().is_none()
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod key_backup;
 pub mod notify;
 pub mod outbox;
 pub mod remote;
+pub mod remote_directory;
 pub mod rooms;
 pub mod server;
 pub mod server_keys;

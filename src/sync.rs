@@ -116,6 +116,7 @@ async fn build(
     let filter = &request.filter;
     let mut join = Map::new();
     let mut invite = Map::new();
+    let mut knock = Map::new();
     let mut leave = Map::new();
     let (global_data, mut room_data) = state.account_data.events_since(user_id, since)?;
 
@@ -165,11 +166,13 @@ async fn build(
                     join.insert(room_id.to_string(), room);
                 }
             }
-            "invite" | "knock" if newly => {
-                let section = invited_room(state, &room_id, &record)?;
-                if record.membership == "invite" {
-                    invite.insert(room_id.to_string(), section);
-                }
+            "invite" if newly => {
+                let events = invited_room(state, &room_id, &record)?;
+                invite.insert(room_id.to_string(), json!({"invite_state": {"events": events}}));
+            }
+            "knock" if newly => {
+                let events = invited_room(state, &room_id, &record)?;
+                knock.insert(room_id.to_string(), json!({"knock_state": {"events": events}}));
             }
             // On an initial sync, rooms the user left by themselves need `include_leave`;
             // kicks and bans are always reported so the user learns of them.
@@ -240,12 +243,13 @@ async fn build(
         || !devices_changed.is_empty()
         || !devices_left.is_empty()
         || !invite.is_empty()
+        || !knock.is_empty()
         || !leave.is_empty()
         || !presence.is_empty()
         || !account_data.is_empty();
     let response = json!({
         "next_batch": next_batch,
-        "rooms": {"join": join, "invite": invite, "leave": leave, "knock": {}},
+        "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
         "presence": {"events": presence},
         "account_data": {"events": account_data},
         "to_device": {"events": to_device},
@@ -520,32 +524,27 @@ fn removed_by_other(
     Ok(state.rooms.pdu(&record.event_id)?.is_some_and(|event| event.sender != user_id))
 }
 
+/// The stripped state of a room the user is invited to or knocks on, their member event last.
 fn invited_room(
     state: &AppState,
     room_id: &RoomId,
     record: &MembershipRecord,
-) -> Result<Value, ApiError> {
+) -> Result<Vec<Value>, ApiError> {
     let mut events = Vec::new();
     // An invite over federation to a room this server is not in: the inviting server's
     // stripped state stands in for the room's.
     let remote_state = record.invite_state.as_deref().unwrap_or_default();
     events.extend(remote_state.iter().cloned());
-    for kind in [
-        "m.room.create",
-        "m.room.join_rules",
-        "m.room.name",
-        "m.room.avatar",
-        "m.room.canonical_alias",
-        "m.room.encryption",
-        "m.room.topic",
-    ] {
+    for kind in crate::rooms::peers::STRIPPED_STATE_TYPES {
         if let Some(pdu) = state.rooms.current_state_pdu(room_id, kind, "")? {
             events.push(pdu.to_stripped());
         }
     }
     if let Some(invite) = state.rooms.pdu(&record.event_id)? {
-        if let Some(inviter) =
-            state.rooms.current_state_pdu(room_id, "m.room.member", invite.sender.as_str())?
+        // The inviter's own member event; a knock is its sender's own.
+        if invite.state_key.as_deref() != Some(invite.sender.as_str())
+            && let Some(inviter) =
+                state.rooms.current_state_pdu(room_id, "m.room.member", invite.sender.as_str())?
         {
             events.push(inviter.to_stripped());
         }
@@ -554,7 +553,7 @@ fn invited_room(
         stripped["origin_server_ts"] = json!(invite.origin_server_ts);
         events.push(stripped);
     }
-    Ok(json!({"invite_state": {"events": events}}))
+    Ok(events)
 }
 
 fn left_room(

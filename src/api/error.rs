@@ -229,6 +229,7 @@ impl From<crate::rooms::RoomError> for ApiError {
                 Self::new(StatusCode::PAYLOAD_TOO_LARGE, "M_TOO_LARGE", "Event is too large")
             }
             RoomError::InvalidAlias(reason) => Self::invalid_param(reason),
+            RoomError::InvalidParam(reason) => Self::invalid_param(reason),
             RoomError::Signing(source) => Self::internal(source),
             RoomError::Storage(source) => Self::internal(source),
             RoomError::Pdu(source) => Self::internal(source),
@@ -264,8 +265,31 @@ impl From<crate::rooms::peers::PeerError> for ApiError {
             )
             .with("room_version", version.to_string()),
             PeerError::BadEvent(reason) => Self::bad_json(reason),
+            PeerError::WrongMembership(reason) => Self::invalid_param(reason),
             PeerError::Ingest(source) => source.into(),
             PeerError::Room(source) => source.into(),
+        }
+    }
+}
+
+impl From<crate::remote_directory::RemoteDirectoryError> for ApiError {
+    fn from(error: crate::remote_directory::RemoteDirectoryError) -> Self {
+        use crate::remote_directory::RemoteDirectoryError;
+        match error {
+            RemoteDirectoryError::AliasNotFound => Self::not_found("Room alias not found"),
+            RemoteDirectoryError::AliasUnreachable(source) => {
+                tracing::info!(error = %source, "remote alias query failed");
+                Self::not_found("Room alias not found: its server could not be asked")
+            }
+            RemoteDirectoryError::Refused { status, errcode, error } => Self::new(
+                StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
+                &errcode,
+                error,
+            ),
+            RemoteDirectoryError::Unreachable(source) => {
+                tracing::info!(error = %source, "remote room list request failed");
+                Self::new(StatusCode::BAD_GATEWAY, "M_UNKNOWN", "Failed to fetch the room list")
+            }
         }
     }
 }

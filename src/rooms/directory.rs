@@ -1,9 +1,12 @@
-//! Room aliases and the public room directory of local rooms.
+//! Room aliases and the public room directory of local rooms, as the client API and the
+//! federation queries (`query/directory`, `publicRooms`) both serve them.
 //!
 //! [Room aliases](https://spec.matrix.org/v1.16/client-server-api/#room-aliases),
 //! [listing rooms](https://spec.matrix.org/v1.16/client-server-api/#listing-rooms)
 
-use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomAliasId, RoomId, UserId};
+use ruma::{
+    OwnedRoomAliasId, OwnedRoomId, OwnedServerName, OwnedUserId, RoomAliasId, RoomId, UserId,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use storage::keys;
@@ -13,6 +16,49 @@ use super::{RoomError, Rooms};
 const ALIASES: &str = "room_alias_to_room_id";
 const ROOM_ALIASES: &str = "room_id_alias_to_unit";
 const PUBLIC: &str = "public_room_id_to_unit";
+
+/// The most rooms one page of the public room directory holds when the request sets no
+/// smaller limit.
+pub const PUBLIC_ROOMS_PAGE_MAX: usize = 500;
+
+/// What a public room directory request asks for.
+#[derive(Clone, Debug, Default)]
+pub struct PublicRoomsRequest {
+    /// The most rooms in the page (at most [`PUBLIC_ROOMS_PAGE_MAX`]).
+    pub limit: Option<usize>,
+    /// The `next_batch` or `prev_batch` of an earlier page.
+    pub since: Option<String>,
+    /// `filter.generic_search_term`: matched, case-insensitively, against name, topic and
+    /// canonical alias.
+    pub search: Option<String>,
+    /// `filter.room_types`: the room types to list (`None` stands for rooms without a type);
+    /// empty lists every room.
+    pub room_types: Vec<Option<String>>,
+}
+
+/// One page of the public room directory.
+#[derive(Clone, Debug, Serialize)]
+pub struct PublicRoomsPage {
+    /// The rooms, largest first.
+    pub chunk: Vec<Value>,
+    /// The token of the next page, if there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub next_batch: Option<String>,
+    /// The token of the previous page, if there is one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prev_batch: Option<String>,
+    /// How many rooms match in all.
+    pub total_room_count_estimate: usize,
+}
+
+/// Where an alias points: the room, and servers likely to be in it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ResolvedAlias {
+    /// The room.
+    pub room_id: OwnedRoomId,
+    /// Servers that can help join it, this one first.
+    pub servers: Vec<OwnedServerName>,
+}
 
 #[derive(Serialize, Deserialize)]
 struct AliasRecord {
@@ -38,6 +84,24 @@ impl Rooms {
         alias: &RoomAliasId,
     ) -> Result<Option<OwnedRoomId>, RoomError> {
         Ok(self.db().get::<AliasRecord>(ALIASES, alias.as_bytes())?.map(|record| record.room_id))
+    }
+
+    /// A local alias with the servers in its room: this one first, then every server with a
+    /// joined member (`GET /directory/room/{alias}` and `query/directory`).
+    pub fn resolve_local_alias_with_servers(
+        &self,
+        alias: &RoomAliasId,
+    ) -> Result<Option<ResolvedAlias>, RoomError> {
+        let Some(room_id) = self.resolve_local_alias(alias)? else {
+            return Ok(None);
+        };
+        let mut servers = vec![self.server_name().clone()];
+        for member in self.joined_members(&room_id)? {
+            if !servers.iter().any(|server| server.as_str() == member.server_name().as_str()) {
+                servers.push(member.server_name().to_owned());
+            }
+        }
+        Ok(Some(ResolvedAlias { room_id, servers }))
     }
 
     /// Creates a local alias.
@@ -122,8 +186,38 @@ impl Rooms {
         Ok(self.db().contains(PUBLIC, room_id.as_bytes())?)
     }
 
-    /// The directory entries of listed rooms, largest first, matching `search` if given.
-    pub fn public_rooms(&self, search: Option<&str>) -> Result<Vec<Value>, RoomError> {
+    /// One page of the public room directory. `since` is a token of an earlier page
+    /// (`p<offset>`); an unknown one is [`RoomError::InvalidParam`].
+    ///
+    /// [`GET /publicRooms`](https://spec.matrix.org/v1.16/client-server-api/#get_matrixclientv3publicrooms)
+    pub fn public_rooms(&self, request: &PublicRoomsRequest) -> Result<PublicRoomsPage, RoomError> {
+        let start = match request.since.as_deref() {
+            Some(since) => since
+                .strip_prefix('p')
+                .and_then(|offset| offset.parse::<usize>().ok())
+                .ok_or_else(|| RoomError::InvalidParam("Invalid since token".into()))?,
+            None => 0,
+        };
+        let all = self.public_room_entries(request)?;
+        let limit = request.limit.unwrap_or(PUBLIC_ROOMS_PAGE_MAX).min(PUBLIC_ROOMS_PAGE_MAX);
+        let total = all.len();
+        let chunk: Vec<Value> = all.into_iter().skip(start).take(limit).collect();
+        let end = start + chunk.len();
+        Ok(PublicRoomsPage {
+            next_batch: (end < total).then(|| format!("p{end}")),
+            prev_batch: (start > 0).then(|| format!("p{}", start.saturating_sub(limit))),
+            chunk,
+            total_room_count_estimate: total,
+        })
+    }
+
+    /// The directory entries of listed rooms that match the request's filter, largest first.
+    pub fn public_room_entries(
+        &self,
+        request: &PublicRoomsRequest,
+    ) -> Result<Vec<Value>, RoomError> {
+        let search =
+            request.search.as_deref().map(str::to_lowercase).filter(|search| !search.is_empty());
         let mut chunks = Vec::new();
         for (key, _) in self.db().scan_prefix(PUBLIC, b"")? {
             let Ok(room_id) = OwnedRoomId::try_from(String::from_utf8_lossy(&key).into_owned())
@@ -131,8 +225,7 @@ impl Rooms {
                 continue;
             };
             let chunk = self.directory_entry(&room_id)?;
-            if let Some(search) = search.map(str::to_lowercase).filter(|search| !search.is_empty())
-            {
+            if let Some(search) = &search {
                 let haystack = format!(
                     "{} {} {}",
                     chunk.get("name").and_then(Value::as_str).unwrap_or(""),
@@ -140,9 +233,13 @@ impl Rooms {
                     chunk.get("canonical_alias").and_then(Value::as_str).unwrap_or(""),
                 )
                 .to_lowercase();
-                if !haystack.contains(&search) {
+                if !haystack.contains(search) {
                     continue;
                 }
+            }
+            let room_type = chunk.get("room_type").and_then(Value::as_str).map(str::to_owned);
+            if !request.room_types.is_empty() && !request.room_types.contains(&room_type) {
+                continue;
             }
             chunks.push(chunk);
         }

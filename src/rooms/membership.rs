@@ -1,5 +1,5 @@
-//! Membership changes by local users: join, invite, leave, kick, ban, unban, and profile
-//! changes carried into every joined room as new member events.
+//! Membership changes by local users: join, knock, invite, leave, kick, ban, unban, and
+//! profile changes carried into every joined room as new member events.
 //!
 //! [Room membership](https://spec.matrix.org/v1.16/client-server-api/#room-membership)
 
@@ -31,6 +31,31 @@ impl Rooms {
         {
             content["is_direct"] = json!(true);
         }
+        self.append(
+            room_id,
+            user_id,
+            NewEvent::state("m.room.member", user_id.as_str(), content),
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Knocks on a local room as `user_id`: a `knock` member event, which the auth rules allow
+    /// only in room versions with knocking whose join rule is `knock` (or `knock_restricted`).
+    ///
+    /// [Knocking on rooms](https://spec.matrix.org/v1.16/client-server-api/#knocking-on-rooms)
+    pub async fn knock(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        profile: (Option<String>, Option<String>),
+        reason: Option<String>,
+    ) -> Result<(), RoomError> {
+        if self.room(room_id)?.is_none() {
+            return Err(RoomError::NotFound);
+        }
+        let content = member_content("knock", profile, reason);
         self.append(
             room_id,
             user_id,

@@ -61,6 +61,9 @@ pub enum RoomError {
     /// The alias is not valid.
     #[error("invalid alias: {0}")]
     InvalidAlias(String),
+    /// A request parameter is not valid (a pagination token, say).
+    #[error("invalid parameter: {0}")]
+    InvalidParam(String),
     /// Signing failed.
     #[error(transparent)]
     Signing(#[from] federation::Error),

@@ -1,7 +1,7 @@
 //! What other servers may read from our rooms and do in them: single events, state and auth
 //! chains at an event, backfill, missing events, joining and leaving through a resident
-//! server (`make_join`/`send_join`, `make_leave`/`send_leave`), and invites of our users to
-//! rooms elsewhere.
+//! server (`make_join`/`send_join`, `make_leave`/`send_leave`), knocking
+//! (`make_knock`/`send_knock`), and invites of our users to rooms elsewhere.
 //!
 //! Reads check the room's server ACL and history visibility: a server may read an event when
 //! one of its users was in the room at that event, or the room is world readable
@@ -27,6 +27,18 @@ pub const BACKFILL_MAX: usize = 100;
 pub const MISSING_EVENTS_SERVED_MAX: usize = 50;
 /// The most stripped state events kept with an invite.
 pub const INVITE_STATE_MAX: usize = 50;
+/// The state events a server shares about a room with one who is not in it yet (the
+/// [stripped state](https://spec.matrix.org/v1.16/client-server-api/#stripped-state) the spec
+/// recommends), the create event first.
+pub const STRIPPED_STATE_TYPES: [&str; 7] = [
+    "m.room.create",
+    "m.room.join_rules",
+    "m.room.name",
+    "m.room.avatar",
+    "m.room.canonical_alias",
+    "m.room.encryption",
+    "m.room.topic",
+];
 
 /// Why a server's request about a room failed.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +55,9 @@ pub enum PeerError {
     /// The event in the request is not what the endpoint takes.
     #[error("bad event: {0}")]
     BadEvent(String),
+    /// The event is well formed but not the membership the endpoint is for.
+    #[error("wrong membership: {0}")]
+    WrongMembership(String),
     /// The event was refused by the checks on receipt.
     #[error(transparent)]
     Ingest(#[from] IngestError),
@@ -428,6 +443,82 @@ impl Rooms {
         Ok(())
     }
 
+    /// `GET /_matrix/federation/v1/make_knock/{roomId}/{userId}`: a knock template, when the
+    /// room's version supports knocking (7 and later), is one the server supports, and the
+    /// room's join rule lets the user knock now.
+    ///
+    /// [Knocking](https://spec.matrix.org/v1.16/server-server-api/#knocking-upon-a-room)
+    pub fn make_knock(
+        &self,
+        server: &ServerName,
+        room_id: &RoomId,
+        user_id: &UserId,
+        supported_versions: &[RoomVersionId],
+    ) -> Result<MembershipTemplate, PeerError> {
+        let room = self.room(room_id)?.ok_or(PeerError::NotFound)?;
+        self.check_knockable(room_id, &room.room_version)?;
+        if !supported_versions.contains(&room.room_version) {
+            return Err(PeerError::IncompatibleRoomVersion(room.room_version));
+        }
+        self.make_membership(server, room_id, user_id, supported_versions, "knock")
+    }
+
+    /// `PUT /_matrix/federation/v1/send_knock/{roomId}/{eventId}`: accepts the remote-signed
+    /// knock, which becomes a state event of the room like any other member event, and answers
+    /// the state that helps the knocking user identify the room.
+    pub async fn send_knock(
+        &self,
+        server: &ServerName,
+        room_id: &RoomId,
+        event_id: &EventId,
+        json: CanonicalJsonObject,
+        remote: &Remote,
+    ) -> Result<Vec<CanonicalJsonObject>, PeerError> {
+        let version = self.room_version(room_id).map_err(|_| PeerError::NotFound)?;
+        self.check_knockable(room_id, &version)?;
+        self.accept_membership(server, room_id, event_id, json, remote, "knock").await?;
+        self.knock_room_state(room_id)
+    }
+
+    /// Refuses rooms one cannot knock on: a version before knocking existed, or a join rule
+    /// other than `knock` (or `knock_restricted`, where the version has it).
+    fn check_knockable(
+        &self,
+        room_id: &RoomId,
+        room_version: &RoomVersionId,
+    ) -> Result<(), PeerError> {
+        let rules = federation::signing::rules_for(room_version).map_err(RoomError::from)?;
+        if !rules.authorization.knocking {
+            return Err(PeerError::Forbidden(format!(
+                "Room version {room_version} does not support knocking"
+            )));
+        }
+        let join_rule = self
+            .current_state_content(room_id, "m.room.join_rules", "")?
+            .and_then(|content| content.get("join_rule")?.as_str().map(str::to_owned));
+        match join_rule.as_deref() {
+            Some("knock") => Ok(()),
+            Some("knock_restricted") if rules.authorization.knock_restricted_join_rule => Ok(()),
+            _ => Err(PeerError::Forbidden("The room does not accept knocks".into())),
+        }
+    }
+
+    /// The room state a knocking server passes to its user as stripped state: the create
+    /// event (which the spec requires) and the events that name and describe the room, as
+    /// full PDUs of the room version.
+    pub fn knock_room_state(
+        &self,
+        room_id: &RoomId,
+    ) -> Result<Vec<CanonicalJsonObject>, PeerError> {
+        let mut events = Vec::new();
+        for kind in STRIPPED_STATE_TYPES {
+            if let Some(event_id) = self.current_state_event_id(room_id, kind, "")? {
+                events.push(event_id);
+            }
+        }
+        self.pdus_json(&events)
+    }
+
     /// Checks that a `send_join`/`send_leave` event is the membership it claims, of a user of
     /// `server`, then receives it like any PDU; it must become part of the room.
     async fn accept_membership(
@@ -452,7 +543,7 @@ impl Rooms {
             || pdu.state_key.as_deref() != Some(pdu.sender.as_str())
             || pdu.membership().as_deref() != Some(membership)
         {
-            return Err(PeerError::BadEvent(format!("Not a {membership} of its sender")));
+            return Err(PeerError::WrongMembership(format!("Not a {membership} of its sender")));
         }
         if pdu.sender.server_name() != server {
             return Err(PeerError::Forbidden("The sender is not of the requesting server".into()));

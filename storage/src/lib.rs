@@ -34,6 +34,7 @@ pub const TABLES: &[&str] = &[
     "token_hash_to_session",
     "user_device_to_device",
     "user_filter_to_filter",
+    "openid_token_hash_to_openid_token",
     "uia_session_to_state",
     "user_room_type_to_account_data",
     "user_position_to_account_data_change",

@@ -911,6 +911,11 @@ async fn federation_endpoints_trust_no_unverified_origin() {
         (reqwest::Method::GET, format!("/_matrix/federation/v1/make_leave/{room}/{bob}")),
         (reqwest::Method::PUT, format!("/_matrix/federation/v2/send_leave/{room}/$abc")),
         (reqwest::Method::PUT, format!("/_matrix/federation/v2/invite/{room}/$abc")),
+        (reqwest::Method::GET, format!("/_matrix/federation/v1/make_knock/{room}/{bob}?ver=11")),
+        (reqwest::Method::PUT, format!("/_matrix/federation/v1/send_knock/{room}/$abc")),
+        (reqwest::Method::GET, "/_matrix/federation/v1/query/directory?room_alias=%23a%3Ab".into()),
+        (reqwest::Method::GET, "/_matrix/federation/v1/publicRooms".into()),
+        (reqwest::Method::POST, "/_matrix/federation/v1/publicRooms".into()),
     ];
     for (method, path) in requests {
         let answer = client

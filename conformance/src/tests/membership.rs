@@ -1,4 +1,4 @@
-//! Room membership: join (by id and alias), invite, leave, kick, ban, unban, forget, and the
+//! Room membership: join (by id and alias), knock, invite, leave, kick, ban, unban, forget, and the
 //! member listings (`joined_rooms`, `joined_members`, `members` with its filters).
 
 use anyhow::{Result, ensure};
@@ -13,6 +13,8 @@ crate::tests! { "membership";
     join_via_rooms_join_endpoint => "post_matrixclientv3roomsroomidjoin";
     join_invite_only_room_without_invite_is_forbidden => "post_matrixclientv3joinroomidoralias";
     join_is_seen_by_other_member => "post_matrixclientv3joinroomidoralias";
+    knock_is_seen_by_member_who_can_invite => "post_matrixclientv3knockroomidoralias";
+    knock_on_public_room_is_forbidden => "post_matrixclientv3knockroomidoralias";
     invite_then_join => "post_matrixclientv3roomsroomidinvite";
     invite_by_non_member_is_forbidden => "post_matrixclientv3roomsroomidinvite";
     invite_of_joined_member_is_forbidden => "post_matrixclientv3roomsroomidinvite";
@@ -85,6 +87,43 @@ async fn join_is_seen_by_other_member(ctx: Ctx) -> Result<()> {
             && event.pointer("/content/membership") == Some(&json!("join"))
     })
     .await?;
+    Ok(())
+}
+
+/// A room whose join rule is `knock` (every default room version since 7 has knocking).
+async fn knock_room(a: &crate::client::User) -> Result<String> {
+    a.create_room(json!({
+        "preset": "private_chat",
+        "initial_state": [
+            {"type": "m.room.join_rules", "state_key": "", "content": {"join_rule": "knock"}}
+        ],
+    }))
+    .await
+}
+
+async fn knock_is_seen_by_member_who_can_invite(ctx: Ctx) -> Result<()> {
+    let (a, b) = (ctx.user().await?, ctx.user().await?);
+    let room_id = knock_room(&a).await?;
+    let body = b
+        .post(&v3(&format!("/knock/{}", enc(&room_id))), json!({"reason": "please"}))
+        .await?
+        .ok()?;
+    ensure!(str_field(&body, "room_id")? == room_id, "{body}");
+    a.sync_until_timeline_event(&room_id, "b's knock", |event| {
+        is_type(event, "m.room.member")
+            && event.get("state_key") == Some(&json!(b.user_id))
+            && event.pointer("/content/membership") == Some(&json!("knock"))
+    })
+    .await?;
+    a.invite(&room_id, &b.user_id).await?;
+    ensure!(membership_of(&a, &room_id, &b.user_id).await? == "invite", "b not invited");
+    Ok(())
+}
+
+async fn knock_on_public_room_is_forbidden(ctx: Ctx) -> Result<()> {
+    let (a, b) = (ctx.user().await?, ctx.user().await?);
+    let room_id = a.create_public_room().await?;
+    b.post(&v3(&format!("/knock/{}", enc(&room_id))), json!({})).await?.err(403, "M_FORBIDDEN")?;
     Ok(())
 }
 

@@ -12,6 +12,7 @@ mod fixtures;
 mod login;
 mod membership;
 mod messages;
+mod openid;
 mod power_levels;
 mod presence;
 mod profile;
@@ -57,6 +58,7 @@ pub(crate) fn all() -> Vec<Test> {
         user_directory::tests(),
         push_rules::tests(),
         e2ee::tests(),
+        openid::tests(),
         bad_input::tests(),
     ]
     .into_iter()

@@ -3,16 +3,25 @@
 //! [Room aliases](https://spec.matrix.org/v1.16/client-server-api/#room-aliases),
 //! [listing rooms](https://spec.matrix.org/v1.16/client-server-api/#listing-rooms)
 
-use axum::{Json, Router, extract::State, routing::get};
-use ruma::{OwnedRoomAliasId, OwnedRoomId};
+use axum::{
+    Json, Router,
+    extract::{FromRequestParts, State},
+    http::request::Parts,
+    routing::get,
+};
+use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedServerName};
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 
 use super::membership::visible_until;
-use crate::api::{
-    AppState,
-    error::{ApiError, ApiResult},
-    extract::{Auth, Body, PathIds, Query},
+use crate::{
+    api::{
+        AppState,
+        error::{ApiError, ApiResult},
+        extract::{Auth, Body, PathIds, Query, parse_id},
+    },
+    remote_directory,
+    rooms::directory::PublicRoomsRequest,
 };
 
 /// Routes of this module.
@@ -34,17 +43,19 @@ fn alias(path: &PathIds) -> Result<OwnedRoomAliasId, ApiError> {
     path.id("roomAlias")
 }
 
-/// `GET /_matrix/client/v3/directory/room/{roomAlias}`
+/// `GET /_matrix/client/v3/directory/room/{roomAlias}`: an alias of this server from the
+/// table, one of another server asked of that server (`query/directory`).
 async fn get_alias(State(state): State<AppState>, path: PathIds) -> ApiResult {
     let alias = alias(&path)?;
-    if alias.server_name() != state.config.server_name {
-        return Err(ApiError::not_found("Room alias not found (remote aliases need federation)"));
-    }
-    let room_id = state
-        .rooms
-        .resolve_local_alias(&alias)?
-        .ok_or_else(|| ApiError::not_found("Room alias not found"))?;
-    Ok(Json(json!({"room_id": room_id, "servers": [state.config.server_name]})))
+    let resolved = if alias.server_name() == state.config.server_name {
+        state
+            .rooms
+            .resolve_local_alias_with_servers(&alias)?
+            .ok_or_else(|| ApiError::not_found("Room alias not found"))?
+    } else {
+        remote_directory::query_alias(&state.federation, &alias).await?
+    };
+    Ok(Json(json!({"room_id": resolved.room_id, "servers": resolved.servers})))
 }
 
 #[derive(Deserialize)]
@@ -143,6 +154,7 @@ struct PublicRoomsQuery {
     limit: Option<String>,
     since: Option<String>,
     server: Option<String>,
+    include_all_networks: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -150,62 +162,73 @@ struct PublicRoomsBody {
     limit: Option<usize>,
     since: Option<String>,
     server: Option<String>,
-    filter: Option<Value>,
+    filter: Option<PublicRoomsFilter>,
+    #[serde(default)]
+    include_all_networks: bool,
 }
 
-fn public_rooms(
+/// `filter` of `POST /publicRooms` (client and federation alike).
+#[derive(Deserialize, Default)]
+pub(crate) struct PublicRoomsFilter {
+    pub(crate) generic_search_term: Option<String>,
+    #[serde(default)]
+    pub(crate) room_types: Vec<Option<String>>,
+}
+
+/// `limit` from a query string.
+pub(crate) fn parse_limit(limit: Option<&str>) -> Result<Option<usize>, ApiError> {
+    limit.map(str::parse::<usize>).transpose().map_err(|_| ApiError::invalid_param("Invalid limit"))
+}
+
+/// `include_all_networks` from a query string.
+pub(crate) fn parse_flag(flag: Option<&str>) -> Result<bool, ApiError> {
+    match flag {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(ApiError::invalid_param("include_all_networks must be true or false")),
+    }
+}
+
+/// A page of this server's directory, or of `server`'s asked over federation.
+async fn public_rooms(
     state: &AppState,
-    limit: Option<usize>,
-    since: Option<&str>,
-    search: Option<&str>,
+    server: Option<&str>,
+    request: PublicRoomsRequest,
+    include_all_networks: bool,
 ) -> ApiResult {
-    let all = state.rooms.public_rooms(search)?;
-    let start = match since {
-        Some(since) => since
-            .strip_prefix('p')
-            .and_then(|offset| offset.parse::<usize>().ok())
-            .ok_or_else(|| ApiError::invalid_param("Invalid since token"))?,
-        None => 0,
-    };
-    let limit = limit.unwrap_or(usize::MAX);
-    let total = all.len();
-    let chunk: Vec<Value> = all.into_iter().skip(start).take(limit).collect();
-    let mut answer = json!({"chunk": chunk, "total_room_count_estimate": total});
-    if start + chunk_len(&answer) < total {
-        answer["next_batch"] = json!(format!("p{}", start + chunk_len(&answer)));
-    }
-    if start > 0 {
-        answer["prev_batch"] = json!(format!("p{}", start.saturating_sub(limit)));
-    }
-    Ok(Json(answer))
-}
-
-fn chunk_len(answer: &Value) -> usize {
-    answer["chunk"].as_array().map_or(0, Vec::len)
-}
-
-fn check_server(state: &AppState, server: Option<&str>) -> Result<(), ApiError> {
-    match server {
-        Some(server) if server != state.config.server_name.as_str() => {
-            Err(ApiError::not_found("Listing remote servers' rooms needs federation"))
+    match server.filter(|server| *server != state.config.server_name.as_str()) {
+        None => Ok(Json(json!(state.rooms.public_rooms(&request)?))),
+        Some(server) => {
+            let server: OwnedServerName = parse_id(server, "server")?;
+            let page = remote_directory::public_rooms(
+                &state.federation,
+                &server,
+                &request,
+                include_all_networks,
+            )
+            .await?;
+            Ok(Json(page))
         }
-        _ => Ok(()),
     }
 }
 
-/// `GET /_matrix/client/v3/publicRooms`
+/// `GET /_matrix/client/v3/publicRooms`: open to all for this server's rooms; asking another
+/// server through this one takes an access token.
 async fn get_public_rooms(
     State(state): State<AppState>,
     Query(query): Query<PublicRoomsQuery>,
+    mut parts: Parts,
 ) -> ApiResult {
-    check_server(&state, query.server.as_deref())?;
-    let limit = query
-        .limit
-        .as_deref()
-        .map(str::parse::<usize>)
-        .transpose()
-        .map_err(|_| ApiError::invalid_param("Invalid limit"))?;
-    public_rooms(&state, limit, query.since.as_deref(), None)
+    if query.server.as_deref().is_some_and(|server| server != state.config.server_name.as_str()) {
+        Auth::from_request_parts(&mut parts, &state).await?;
+    }
+    let request = PublicRoomsRequest {
+        limit: parse_limit(query.limit.as_deref())?,
+        since: query.since,
+        ..PublicRoomsRequest::default()
+    };
+    let include_all_networks = parse_flag(query.include_all_networks.as_deref())?;
+    public_rooms(&state, query.server.as_deref(), request, include_all_networks).await
 }
 
 /// `POST /_matrix/client/v3/publicRooms`
@@ -215,11 +238,13 @@ async fn post_public_rooms(
     Query(query): Query<PublicRoomsQuery>,
     Body(body): Body<PublicRoomsBody>,
 ) -> ApiResult {
-    check_server(&state, query.server.as_deref().or(body.server.as_deref()))?;
-    let search = body
-        .filter
-        .as_ref()
-        .and_then(|filter| filter.get("generic_search_term"))
-        .and_then(Value::as_str);
-    public_rooms(&state, body.limit, body.since.as_deref(), search)
+    let filter = body.filter.unwrap_or_default();
+    let request = PublicRoomsRequest {
+        limit: body.limit,
+        since: body.since,
+        search: filter.generic_search_term,
+        room_types: filter.room_types,
+    };
+    let server = query.server.as_deref().or(body.server.as_deref());
+    public_rooms(&state, server, request, body.include_all_networks).await
 }

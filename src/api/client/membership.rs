@@ -1,5 +1,5 @@
-//! Room membership endpoints: join, invite, leave, forget, kick, ban, unban, and the member
-//! lists.
+//! Room membership endpoints: join, knock, invite, leave, forget, kick, ban, unban, and the
+//! member lists.
 //!
 //! [Room membership](https://spec.matrix.org/v1.16/client-server-api/#room-membership)
 
@@ -23,6 +23,7 @@ pub fn routes() -> Router<AppState> {
     Router::new()
         .route("/_matrix/client/v3/join/{roomIdOrAlias}", post(join_by_id_or_alias))
         .route("/_matrix/client/v3/rooms/{roomId}/join", post(join_by_id))
+        .route("/_matrix/client/v3/knock/{roomIdOrAlias}", post(knock))
         .route("/_matrix/client/v3/rooms/{roomId}/invite", post(invite))
         .route("/_matrix/client/v3/rooms/{roomId}/leave", post(leave))
         .route("/_matrix/client/v3/rooms/{roomId}/forget", post(forget))
@@ -91,27 +92,54 @@ async fn join_by_id_or_alias(
     RawQuery(query): RawQuery,
     Body(body): Body<ReasonBody>,
 ) -> ApiResult {
-    let target = path.get("roomIdOrAlias")?;
     let mut via = via_servers(query.as_deref());
-    let room_id: OwnedRoomId = if target.starts_with('#') {
-        let alias = RoomAliasId::parse(target)
-            .map_err(|_| ApiError::invalid_param("Invalid room alias"))?;
-        if alias.server_name() == state.config.server_name {
-            state
-                .rooms
-                .resolve_local_alias(&alias)?
-                .ok_or_else(|| ApiError::not_found("Room alias not found"))?
-        } else {
-            let (room_id, servers) = crate::remote::query_directory(&state.federation, &alias)
-                .await
-                .ok_or_else(|| ApiError::not_found("Room alias not found"))?;
-            via.extend(servers);
-            room_id
-        }
-    } else {
-        parse_id(target, "room id or alias")?
-    };
+    let (room_id, servers) = room_id_or_alias(&state, &path).await?;
+    via.extend(servers);
     join_room(&state, &auth, &room_id, body.reason, &via).await
+}
+
+/// The room named by the `roomIdOrAlias` path segment, and the servers that can help join it
+/// when an alias of another server named it (asked through `query/directory`).
+async fn room_id_or_alias(
+    state: &AppState,
+    path: &PathIds,
+) -> Result<(OwnedRoomId, Vec<OwnedServerName>), ApiError> {
+    let target = path.get("roomIdOrAlias")?;
+    if !target.starts_with('#') {
+        return Ok((parse_id(target, "room id or alias")?, Vec::new()));
+    }
+    let alias =
+        RoomAliasId::parse(target).map_err(|_| ApiError::invalid_param("Invalid room alias"))?;
+    if alias.server_name() == state.config.server_name {
+        let room_id = state
+            .rooms
+            .resolve_local_alias(&alias)?
+            .ok_or_else(|| ApiError::not_found("Room alias not found"))?;
+        return Ok((room_id, Vec::new()));
+    }
+    match crate::remote_directory::query_alias(&state.federation, &alias).await {
+        Ok(resolved) => Ok((resolved.room_id, resolved.servers)),
+        Err(error) => {
+            tracing::info!(%alias, %error, "remote alias not resolved");
+            Err(ApiError::not_found("Room alias not found"))
+        }
+    }
+}
+
+/// `POST /_matrix/client/v3/knock/{roomIdOrAlias}`: knocks on a room of this server.
+async fn knock(
+    State(state): State<AppState>,
+    auth: Auth,
+    path: PathIds,
+    Body(body): Body<ReasonBody>,
+) -> ApiResult {
+    let (room_id, _) = room_id_or_alias(&state, &path).await?;
+    if state.rooms.room(&room_id)?.is_none() {
+        // Knocking through another server needs `make_knock`/`send_knock` sent from here.
+        return Err(ApiError::not_found("This server is not in the room"));
+    }
+    state.rooms.knock(&room_id, &auth.user_id, profile(&state, &auth)?, body.reason).await?;
+    Ok(Json(json!({"room_id": room_id})))
 }
 
 /// `POST /_matrix/client/v3/rooms/{roomId}/join`

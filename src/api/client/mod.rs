@@ -10,6 +10,7 @@ pub mod key_backup;
 pub mod keys;
 pub mod membership;
 pub mod message;
+pub mod openid;
 pub mod profile;
 pub mod push_rules;
 pub mod room;
@@ -42,4 +43,5 @@ pub fn routes() -> Router<AppState> {
         .merge(keys::routes())
         .merge(key_backup::routes())
         .merge(to_device::routes())
+        .merge(openid::routes())
 }

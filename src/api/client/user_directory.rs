@@ -40,7 +40,7 @@ async fn search_users(
     for room_id in state.rooms.joined_rooms(&auth.user_id)? {
         visible.extend(state.rooms.joined_members(&room_id)?);
     }
-    for room in state.rooms.public_rooms(None)? {
+    for room in state.rooms.public_room_entries(&Default::default())? {
         if let Some(room_id) =
             room.get("room_id").and_then(Value::as_str).and_then(|id| ruma::RoomId::parse(id).ok())
         {

@@ -1,8 +1,9 @@
-//! Joining, leaving and invites through this server: `make_join` + `send_join` v2,
-//! `make_leave` + `send_leave` v2, and `invite` v2.
+//! Joining, leaving, knocking and invites through this server: `make_join` + `send_join` v2,
+//! `make_leave` + `send_leave` v2, `make_knock` + `send_knock`, and `invite` v2.
 //!
 //! [Joining rooms](https://spec.matrix.org/v1.16/server-server-api/#joining-rooms),
 //! [leaving rooms](https://spec.matrix.org/v1.16/server-server-api/#leaving-rooms-rejecting-invites),
+//! [knocking](https://spec.matrix.org/v1.16/server-server-api/#knocking-upon-a-room),
 //! [inviting](https://spec.matrix.org/v1.16/server-server-api/#inviting-to-a-room)
 
 use axum::{
@@ -36,6 +37,8 @@ pub fn routes() -> Router<AppState> {
         .route("/_matrix/federation/v2/send_join/{roomId}/{eventId}", put(send_join))
         .route("/_matrix/federation/v1/make_leave/{roomId}/{userId}", get(make_leave))
         .route("/_matrix/federation/v2/send_leave/{roomId}/{eventId}", put(send_leave))
+        .route("/_matrix/federation/v1/make_knock/{roomId}/{userId}", get(make_knock))
+        .route("/_matrix/federation/v1/send_knock/{roomId}/{eventId}", put(send_knock))
         .route("/_matrix/federation/v2/invite/{roomId}/{eventId}", put(invite))
 }
 
@@ -48,15 +51,53 @@ async fn make_join(
 ) -> ApiResult {
     let room_id: OwnedRoomId = path.id("roomId")?;
     let user_id: OwnedUserId = path.id("userId")?;
+    let versions = supported_versions(&parts)?;
+    let template = rooms.make_join(&origin, &room_id, &user_id, &versions)?;
+    Ok(Json(json!({"room_version": template.room_version, "event": to_value(&template.event)})))
+}
+
+/// The room versions a `make_*` request says its server supports (`ver`, repeated).
+fn supported_versions(parts: &Parts) -> Result<Vec<RoomVersionId>, ApiError> {
     let pairs: Vec<(String, String)> = serde_urlencoded::from_str(parts.uri.query().unwrap_or(""))
         .map_err(|error| ApiError::invalid_param(format!("Bad query string: {error}")))?;
-    let versions: Vec<RoomVersionId> = pairs
+    Ok(pairs
         .into_iter()
         .filter(|(key, _)| key == "ver")
         .filter_map(|(_, value)| RoomVersionId::try_from(value).ok())
-        .collect();
-    let template = rooms.make_join(&origin, &room_id, &user_id, &versions)?;
+        .collect())
+}
+
+/// `GET /_matrix/federation/v1/make_knock/{roomId}/{userId}?ver=...` (`ver` repeats and, unlike
+/// for `make_join`, is required).
+async fn make_knock(
+    State(rooms): State<Rooms>,
+    XMatrixOrigin(origin): XMatrixOrigin,
+    path: PathIds,
+    parts: Parts,
+) -> ApiResult {
+    let room_id: OwnedRoomId = path.id("roomId")?;
+    let user_id: OwnedUserId = path.id("userId")?;
+    let versions = supported_versions(&parts)?;
+    if versions.is_empty() {
+        return Err(ApiError::missing_param("ver: the room versions the server supports"));
+    }
+    let template = rooms.make_knock(&origin, &room_id, &user_id, &versions)?;
     Ok(Json(json!({"room_version": template.room_version, "event": to_value(&template.event)})))
+}
+
+/// `PUT /_matrix/federation/v1/send_knock/{roomId}/{eventId}`
+async fn send_knock(
+    State(rooms): State<Rooms>,
+    State(remote): State<Remote>,
+    XMatrixOrigin(origin): XMatrixOrigin,
+    path: PathIds,
+    Body(event): Body<Value>,
+) -> ApiResult {
+    let room_id: OwnedRoomId = path.id("roomId")?;
+    let event_id: OwnedEventId = path.id("eventId")?;
+    let event = to_canonical(event).ok_or_else(|| ApiError::bad_json("Not a PDU"))?;
+    let state = rooms.send_knock(&origin, &room_id, &event_id, event, &remote).await?;
+    Ok(Json(json!({"knock_room_state": state.iter().map(to_value).collect::<Vec<_>>()})))
 }
 
 /// `GET /_matrix/federation/v1/make_leave/{roomId}/{userId}`

@@ -1,14 +1,17 @@
 //! The server-server API, one module per spec section: the routes peers call, and the
-//! X-Matrix check that runs before every `/_matrix/federation/*` handler except `version`.
+//! X-Matrix check that runs before every `/_matrix/federation/*` handler except `version` and
+//! `openid/userinfo` (which a third party calls with an OpenID token instead).
 //! Handlers never trust a server name they were told: the origin comes from
 //! [`XMatrixOrigin`], which only the check provides.
 //!
 //! [Server-server API](https://spec.matrix.org/v1.16/server-server-api/)
 
 pub mod edus;
+pub mod directory;
 pub mod events;
 pub mod keys;
 pub mod membership;
+pub mod openid;
 pub mod query;
 pub mod transactions;
 pub mod user;
@@ -38,10 +41,12 @@ pub fn routes(state: AppState) -> Router<AppState> {
         .merge(events::routes())
         .merge(membership::routes())
         .merge(user::routes())
+        .merge(directory::routes())
         .route_layer(middleware::from_fn_with_state(state, verify_x_matrix));
     Router::new()
         .route("/_matrix/federation/v1/version", get(version))
         .merge(keys::routes())
+        .merge(openid::routes())
         .merge(authenticated)
 }
 
