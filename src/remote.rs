@@ -63,39 +63,6 @@ fn canonical(value: Value) -> Result<CanonicalJsonObject, RemoteError> {
     }
 }
 
-/// Asks an alias's server which room it names
-/// ([`query/directory`](https://spec.matrix.org/v1.16/server-server-api/#get_matrixfederationv1querydirectory)):
-/// the room id and servers that can help join it, or `None` when it does not know the alias or
-/// cannot be reached.
-pub async fn query_directory(
-    client: &federation::Client,
-    alias: &ruma::RoomAliasId,
-) -> Option<(ruma::OwnedRoomId, Vec<ruma::OwnedServerName>)> {
-    let path =
-        format!("/_matrix/federation/v1/query/directory?room_alias={}", segment(alias.as_str()));
-    let answer = match client
-        .send_request(alias.server_name(), federation::Method::GET, &path, None)
-        .await
-    {
-        Ok(answer) => answer,
-        Err(error) => {
-            tracing::info!(%alias, %error, "remote alias lookup failed");
-            return None;
-        }
-    };
-    let room_id = ruma::OwnedRoomId::try_from(answer.get("room_id")?.as_str()?).ok()?;
-    let servers = answer
-        .get("servers")
-        .and_then(Value::as_array)
-        .map(|list| {
-            list.iter()
-                .filter_map(|server| ruma::OwnedServerName::try_from(server.as_str()?).ok())
-                .collect()
-        })
-        .unwrap_or_default();
-    Some((room_id, servers))
-}
-
 impl ServerKeys for OverFederation {
     fn verify_keys<'a>(
         &'a self,

@@ -256,8 +256,9 @@ async fn typing(sides: Sides) -> Result<()> {
 async fn receipts(sides: Sides) -> Result<()> {
     let (owner, guest, room_id) = joined_room(&sides).await?;
     for (from, to) in [(&owner, &guest), (&guest, &owner)] {
-        let event_id = from.send_text(&room_id, "read me").await?;
-        wait_body(to, &room_id, "read me").await?;
+        let body = format!("read me, {}", to.user_id);
+        let event_id = from.send_text(&room_id, &body).await?;
+        wait_body(to, &room_id, &body).await?;
         let path = room_path(&room_id, &format!("/receipt/m.read/{}", enc(&event_id)));
         to.post(&path, json!({})).await?.ok()?;
         from.sync_until("", "the read receipt", |sync| {

@@ -203,8 +203,9 @@ async fn run_federation(args: FederationArgs) -> Result<bool> {
         first.server_name, second.server_name
     );
     let started = Instant::now();
+    let no_known_gaps = Default::default();
     let outcome = tokio::select! {
-        results = federation::run(&pair, &Default::default(), Duration::from_secs(args.timeout_secs)) => Ok(results),
+        results = federation::run(&pair, &no_known_gaps, Duration::from_secs(args.timeout_secs)) => Ok(results),
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     first.launched.stop().await;

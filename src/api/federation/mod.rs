@@ -6,8 +6,8 @@
 //!
 //! [Server-server API](https://spec.matrix.org/v1.16/server-server-api/)
 
-pub mod edus;
 pub mod directory;
+pub mod edus;
 pub mod events;
 pub mod keys;
 pub mod membership;

@@ -15,10 +15,7 @@ use crate::{
         error::{ApiError, ApiResult},
         extract::{Body, PathIds},
     },
-    rooms::{
-        Rooms,
-        ingest::Remote,
-    },
+    rooms::{Rooms, ingest::Remote},
 };
 
 /// Routes of this module.
