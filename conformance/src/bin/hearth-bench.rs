@@ -380,13 +380,19 @@ fn merge(results: &mut Results, earlier: &Path, scenarios: &[&str]) -> Result<()
             .into_iter()
             .filter(|run| run.scenarios.iter().any(|scenario| kept.contains(scenario))),
     );
-    if !kept.is_empty() {
+    // Scenarios the earlier file itself carried over from runs before it stay theirs.
+    let own: Vec<String> = kept
+        .iter()
+        .filter(|scenario| !results.merged.iter().any(|run| run.scenarios.contains(scenario)))
+        .cloned()
+        .collect();
+    if !own.is_empty() {
         results.merged.push(Earlier {
             command: old.command,
             date: old.date,
             machine: old.machine,
             tool_profile: old.tool_profile,
-            scenarios: kept,
+            scenarios: own,
         });
     }
     Ok(())
@@ -660,7 +666,7 @@ better Hearth is (throughput: Hearth / Synapse; times, memory and bytes: Synapse
     page.push_str(&table(&results));
     page.push_str(&s6_goal(&results));
     if !results.failures.is_empty() {
-        page.push_str("\nScenarios a server could not complete in this run (its requests timed out under the load):\n\n");
+        page.push_str("\nScenarios a server could not complete (with the error the tool saw):\n\n");
         for failure in &results.failures {
             let _ = writeln!(page, "- {}", failure.replace('\n', " "));
         }
