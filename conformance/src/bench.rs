@@ -8,6 +8,10 @@
 //! - S3 initial sync: a user in many rooms with members and history, with lazy-loaded members
 //!   and timeline limits 1, 5 and 20, and once with full member state.
 //! - S4 footprint: resident memory idle and after load, start-up time empty and with data.
+//! - S5 federation ingest: a synthetic signing peer (`peer.rs`) joins a room over federation,
+//!   fills it with state, and sends messages in transactions of 50; PDUs accepted per second.
+//! - S6 state resolution: criterion benches in the workspace (`benches/state_res.rs`); the
+//!   binary runs them and reads criterion's estimates.
 //! - S7 disk: database bytes per message sent.
 
 use std::path::Path;
@@ -20,7 +24,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
 
+use ruma::{CanonicalJsonObject, RoomVersionId};
+
 use crate::client::{Ctx, User, enc, room_path, v3};
+use crate::peer::{self, Peer};
 
 /// Which way a figure is better.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -73,6 +80,12 @@ pub struct Sizes {
     pub s3_history: usize,
     /// S7: messages sent to measure disk use.
     pub s7_messages: usize,
+    /// S5: state events the peer adds to the room before the messages.
+    #[serde(default)]
+    pub s5_state: usize,
+    /// S5: messages the peer sends, in transactions of 50.
+    #[serde(default)]
+    pub s5_messages: usize,
 }
 
 impl Default for Sizes {
@@ -87,6 +100,8 @@ impl Default for Sizes {
             s3_members: 50,
             s3_history: 20,
             s7_messages: 5000,
+            s5_state: 30_000,
+            s5_messages: 5000,
         }
     }
 }
@@ -104,6 +119,8 @@ impl Sizes {
             s3_members: 3,
             s3_history: 3,
             s7_messages: 50,
+            s5_state: 50,
+            s5_messages: 100,
         }
     }
 }
@@ -465,4 +482,286 @@ pub fn rss_mib(pid: u32) -> Result<f64> {
         bail!("VmRSS is {kib}");
     }
     Ok(kib / 1024.0)
+}
+
+/// PDUs per transaction, the most a transaction may carry
+/// ([transactions](https://spec.matrix.org/v1.16/server-server-api/#transactions)).
+const PDUS_PER_TRANSACTION: usize = 50;
+
+/// The peer's view of the room it joined: what the next PDU references.
+struct PeerRoom {
+    room_id: String,
+    room_version: RoomVersionId,
+    sender: String,
+    create_id: String,
+    power_levels_id: String,
+    member_id: String,
+    prev_id: String,
+    depth: u64,
+}
+
+impl PeerRoom {
+    /// The next PDU of the peer's user, following the last one, signed.
+    fn next(
+        &mut self,
+        peer: &Peer,
+        kind: &str,
+        state_key: Option<&str>,
+        content: Value,
+    ) -> Result<CanonicalJsonObject> {
+        self.depth += 1;
+        let mut pdu = json!({
+            "room_id": self.room_id,
+            "sender": self.sender,
+            "origin_server_ts": peer::now_ms(),
+            "type": kind,
+            "content": content,
+            "prev_events": [self.prev_id],
+            "auth_events": [self.create_id, self.power_levels_id, self.member_id],
+            "depth": self.depth,
+        });
+        if let Some(state_key) = state_key {
+            pdu["state_key"] = json!(state_key);
+        }
+        let mut pdu = peer::object(pdu)?;
+        self.prev_id = peer.hash_and_sign(&mut pdu, &self.room_version)?;
+        Ok(pdu)
+    }
+}
+
+/// The server under test as the peer addresses it: its URL and its server name.
+pub struct FederationTarget<'a> {
+    /// Where its federation API answers (plain HTTP on loopback).
+    pub base_url: &'a str,
+    /// Its server name, the `destination` of signed requests.
+    pub server_name: &'a str,
+}
+
+/// Joins the peer's user to a public room of the server under test with `make_join` and
+/// `send_join` v2 ([joining rooms](https://spec.matrix.org/v1.16/server-server-api/#joining-rooms)).
+async fn peer_join(
+    ctx: &Ctx,
+    peer: &Peer,
+    target: &FederationTarget<'_>,
+    localpart: &str,
+) -> Result<PeerRoom> {
+    let owner = ctx.user_named("s5owner").await?;
+    let sender = peer.user_id(localpart);
+    let mut users = serde_json::Map::new();
+    users.insert(owner.user_id.clone(), json!(100));
+    users.insert(sender.clone(), json!(100));
+    let room_id = owner
+        .create_room(json!({
+            "preset": "public_chat",
+            "room_version": "11",
+            "power_level_content_override": {"users": users},
+        }))
+        .await
+        .context("creating the room")?;
+    let path =
+        format!("/_matrix/federation/v1/make_join/{}/{}?ver=11", enc(&room_id), enc(&sender));
+    let (status, answer) = peer
+        .request(target.base_url, target.server_name, reqwest::Method::GET, &path, None)
+        .await?;
+    ensure!(status == 200, "make_join: {status} {}", crate::client::short(&answer));
+    let room_version = RoomVersionId::try_from(answer["room_version"].as_str().unwrap_or("1"))
+        .context("make_join: room version")?;
+    let mut template = answer["event"].clone();
+    template["origin_server_ts"] = json!(peer::now_ms());
+    let depth = template["depth"].as_u64().context("make_join: no depth")?;
+    let mut join = peer::object(template)?;
+    let member_id = peer.hash_and_sign(&mut join, &room_version)?;
+    let path = format!("/_matrix/federation/v2/send_join/{}/{}", enc(&room_id), enc(&member_id));
+    let body = serde_json::to_value(&join)?;
+    let (status, answer) = peer
+        .request(target.base_url, target.server_name, reqwest::Method::PUT, &path, Some(&body))
+        .await?;
+    ensure!(status == 200, "send_join: {status} {}", crate::client::short(&answer));
+    let (mut create_id, mut power_levels_id) = (None, None);
+    for pdu in answer["state"].as_array().context("send_join: no state")? {
+        let id = peer::event_id_of(&peer::object(pdu.clone())?, &room_version)?;
+        match pdu["type"].as_str() {
+            Some("m.room.create") => create_id = Some(id),
+            Some("m.room.power_levels") => power_levels_id = Some(id),
+            _ => {}
+        }
+    }
+    Ok(PeerRoom {
+        room_id,
+        room_version,
+        sender,
+        create_id: create_id.context("send_join: no create event in the state")?,
+        power_levels_id: power_levels_id.context("send_join: no power levels in the state")?,
+        prev_id: member_id.clone(),
+        member_id,
+        depth,
+    })
+}
+
+/// What sending PDUs in transactions gave: accepted, failed, and the first error seen.
+struct Sent {
+    accepted: usize,
+    failed: usize,
+    first_error: Option<String>,
+    elapsed: Duration,
+}
+
+/// Sends `count` PDUs made by `make` in transactions of 50, one transaction at a time, the
+/// next as soon as the answer to the last came, and checks every per-PDU result
+/// ([`PUT /send/{txnId}`](https://spec.matrix.org/v1.16/server-server-api/#put_matrixfederationv1sendtxnid)).
+async fn send_pdus(
+    peer: &Peer,
+    target: &FederationTarget<'_>,
+    room: &mut PeerRoom,
+    count: usize,
+    mut make: impl FnMut(&mut PeerRoom, usize) -> Result<CanonicalJsonObject>,
+) -> Result<Sent> {
+    let mut sent = Sent { accepted: 0, failed: 0, first_error: None, elapsed: Duration::ZERO };
+    let mut index = 0;
+    let mut transactions = 0u64;
+    while index < count {
+        let mut pdus = Vec::new();
+        let mut ids = Vec::new();
+        while index < count && pdus.len() < PDUS_PER_TRANSACTION {
+            let pdu = make(room, index)?;
+            ids.push(room.prev_id.clone());
+            pdus.push(serde_json::to_value(&pdu)?);
+            index += 1;
+        }
+        transactions += 1;
+        let body = json!({
+            "origin": peer.server_name(),
+            "origin_server_ts": peer::now_ms(),
+            "pdus": pdus,
+            "edus": [],
+        });
+        let path = peer.transaction_path(transactions);
+        let started = Instant::now();
+        let (status, answer) = peer
+            .request(target.base_url, target.server_name, reqwest::Method::PUT, &path, Some(&body))
+            .await?;
+        sent.elapsed += started.elapsed();
+        ensure!(status == 200, "send transaction: {status} {}", crate::client::short(&answer));
+        for id in ids {
+            match answer["pdus"].get(&id) {
+                Some(result) if result.get("error").is_none() => sent.accepted += 1,
+                other => {
+                    sent.failed += 1;
+                    if sent.first_error.is_none() {
+                        sent.first_error = Some(format!(
+                            "{id}: {}",
+                            other.map_or("no result".to_owned(), |value| value.to_string())
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(sent)
+}
+
+/// S5: federation ingest. The synthetic peer joins a public room of the server under test,
+/// adds `s5_state` state events to it, then sends `s5_messages` messages in transactions of
+/// 50 as fast as the answers come; the figure is the rate of PDUs the server accepted.
+pub async fn s5_federation_ingest(
+    ctx: &Ctx,
+    sizes: &Sizes,
+    peer: &Peer,
+    target: &FederationTarget<'_>,
+) -> Result<Vec<Figure>> {
+    let mut room = peer_join(ctx, peer, target, "s5peer").await?;
+    let state = send_pdus(peer, target, &mut room, sizes.s5_state, |room, index| {
+        let key = format!("key{index}");
+        room.next(peer, "org.hearth.bench.state", Some(&key), json!({"index": index}))
+    })
+    .await
+    .context("sending the state events")?;
+    let messages = send_pdus(peer, target, &mut room, sizes.s5_messages, |room, index| {
+        room.next(
+            peer,
+            "m.room.message",
+            None,
+            json!({"msgtype": "m.text", "body": format!("s5 {index}")}),
+        )
+    })
+    .await
+    .context("sending the messages")?;
+    for (what, sent) in [("state event", &state), ("message", &messages)] {
+        if let Some(error) = &sent.first_error {
+            println!("    S5: {} {what}s failed, the first: {error}", sent.failed);
+        }
+    }
+    let rate = |sent: &Sent| sent.accepted as f64 / sent.elapsed.as_secs_f64().max(1e-9);
+    Ok(vec![
+        Figure::new(
+            "S5",
+            format!("{} state events: accepted PDUs/s", sizes.s5_state),
+            rate(&state),
+            Better::Higher,
+        ),
+        Figure::new(
+            "S5",
+            format!(
+                "{} messages into a room of {} state events: accepted PDUs/s",
+                sizes.s5_messages, sizes.s5_state
+            ),
+            rate(&messages),
+            Better::Higher,
+        ),
+        Figure::new(
+            "S5",
+            "PDUs failed (error in the per-PDU result)",
+            (state.failed + messages.failed) as f64,
+            Better::Lower,
+        ),
+    ])
+}
+
+/// S6's sizes: conflicted state events in the generated fork (`benches/state_res.rs`).
+pub const S6_SIZES: [usize; 3] = [10, 1_000, 10_000];
+
+/// S6: runs the criterion benches of state resolution (`cargo bench --bench state_res` in
+/// this workspace, with `profile`) and reads the mean time of each size from criterion's
+/// `estimates.json`. `smoke` runs only the smallest fork, briefly.
+pub async fn s6_state_resolution(profile: &str, smoke: bool) -> Result<Vec<Figure>> {
+    let workspace = crate::launcher::workspace_root();
+    let mut command = tokio::process::Command::new("cargo");
+    command.args(["bench", "--bench", "state_res", "--profile", profile, "--"]);
+    if smoke {
+        command.args([
+            "--exact",
+            "state_res/10",
+            "--warm-up-time",
+            "0.2",
+            "--measurement-time",
+            "1",
+        ]);
+    }
+    let status = command
+        .current_dir(&workspace)
+        .stdout(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::inherit())
+        .status()
+        .await
+        .context("running cargo bench")?;
+    ensure!(status.success(), "cargo bench --bench state_res exited with {status}");
+    let criterion = crate::launcher::cargo_target_dir().join("criterion").join("state_res");
+    let sizes: &[usize] = if smoke { &S6_SIZES[..1] } else { &S6_SIZES };
+    let mut figures = Vec::new();
+    for size in sizes {
+        let path = criterion.join(size.to_string()).join("new").join("estimates.json");
+        let estimates: Value = serde_json::from_slice(
+            &std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+        )?;
+        let mean_ns = estimates["mean"]["point_estimate"]
+            .as_f64()
+            .with_context(|| format!("{}: no mean", path.display()))?;
+        figures.push(Figure::new(
+            "S6",
+            format!("state resolution, {size} conflicted state events: ms"),
+            mean_ns / 1e6,
+            Better::Lower,
+        ));
+    }
+    Ok(figures)
 }

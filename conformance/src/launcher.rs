@@ -21,6 +21,9 @@ pub const SYNAPSE_VERSION: &str = "1.163.2";
 pub struct Launched {
     child: Child,
     pub base_url: String,
+    /// The server name (with its port: `localhost:<port>`), the `destination` of federation
+    /// requests to it.
+    pub server_name: String,
     pub registration: Registration,
     log_path: PathBuf,
     /// How to start the process again on the same data (see [`Launched::restart`]).
@@ -223,8 +226,9 @@ fn rate_limits() -> serde_json::Value {
     serde_json::Value::Object(config)
 }
 
-/// Starts Synapse with a fresh SQLite database on a random loopback port.
-pub async fn start_synapse() -> Result<Launched> {
+/// Starts Synapse with a fresh SQLite database on a random loopback port. With `peer_ca`, it
+/// trusts that CA for outbound federation and may contact loopback addresses (S5's peer).
+pub async fn start_synapse(peer_ca: Option<&Path>) -> Result<Launched> {
     let venv = ensure_synapse_venv().await?;
     let python = venv.join("bin").join("python");
     let data_dir = tempfile::Builder::new().prefix("conformance-synapse-").tempdir()?;
@@ -278,6 +282,13 @@ pub async fn start_synapse() -> Result<Launched> {
     {
         target.extend(limits);
     }
+    if let (Some(target), Some(ca)) = (overrides.as_object_mut(), peer_ca) {
+        // Certificates stay verified, against the peer's CA; loopback peers are allowed.
+        target.insert("federation_verify_certificates".to_owned(), json!(true));
+        target.insert("federation_custom_ca_list".to_owned(), json!([ca]));
+        target.insert("federation_ip_range_blacklist".to_owned(), json!([]));
+        target.insert("ip_range_whitelist".to_owned(), json!(["127.0.0.0/8"]));
+    }
     let overrides_path = dir.join("overrides.yaml");
     std::fs::write(&overrides_path, serde_json::to_string_pretty(&overrides)?)?;
 
@@ -300,6 +311,7 @@ pub async fn start_synapse() -> Result<Launched> {
     let mut launched = Launched {
         child,
         base_url: format!("http://127.0.0.1:{port}"),
+        server_name: server_name.clone(),
         registration: Registration::Open,
         log_path: dir.join("homeserver.log"),
         spawn,
@@ -339,28 +351,48 @@ pub async fn hearth_binary(
     Ok(target.join("release").join("hearth"))
 }
 
+/// Cargo's target directory for this workspace: `CARGO_TARGET_DIR` when set (relative to the
+/// workspace), else `target/` in the workspace.
+#[allow(clippy::disallowed_methods, reason = "the launcher is where the environment is read")]
+pub fn cargo_target_dir() -> PathBuf {
+    let workspace = workspace_root();
+    match std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from) {
+        Some(target) if target.is_absolute() => target,
+        Some(target) => workspace.join(target),
+        None => workspace.join("target"),
+    }
+}
+
 /// The workspace root: the directory above this crate's manifest.
 pub fn workspace_root() -> PathBuf {
     let manifest = Path::new(env!("CARGO_MANIFEST_DIR"));
     manifest.parent().unwrap_or(manifest).to_path_buf()
 }
 
-/// Starts Hearth with open registration, a fresh data directory and a random port.
-pub async fn start_hearth(binary: &Path) -> Result<Launched> {
+/// Starts Hearth with open registration, a fresh data directory and a random port. With
+/// `peer_ca`, it trusts that CA for outbound federation and may contact private addresses
+/// (S5's peer, on loopback).
+pub async fn start_hearth(binary: &Path, peer_ca: Option<&Path>) -> Result<Launched> {
     let data_dir = tempfile::Builder::new().prefix("conformance-hearth-").tempdir()?;
     let port = free_port()?;
     let log_path = data_dir.path().join("hearth.log");
     // The data directory proper is a fresh, empty subdirectory, apart from the log.
     std::fs::create_dir(data_dir.path().join("data"))?;
+    let server_name = format!("localhost:{port}");
+    let mut env: Vec<(String, std::ffi::OsString)> = vec![
+        ("HEARTH_LISTEN".to_owned(), format!("127.0.0.1:{port}").into()),
+        ("HEARTH_DATA_DIR".to_owned(), data_dir.path().join("data").into_os_string()),
+        ("HEARTH_SERVER_NAME".to_owned(), server_name.clone().into()),
+        ("HEARTH_REGISTRATION".to_owned(), "open".into()),
+    ];
+    if let Some(ca) = peer_ca {
+        env.push(("HEARTH_FEDERATION_CA".to_owned(), ca.as_os_str().to_owned()));
+        env.push(("HEARTH_FEDERATION_ALLOW_PRIVATE".to_owned(), "true".into()));
+    }
     let spawn = Spawn {
         program: binary.to_path_buf(),
         args: vec!["serve".into()],
-        env: vec![
-            ("HEARTH_LISTEN".to_owned(), format!("127.0.0.1:{port}").into()),
-            ("HEARTH_DATA_DIR".to_owned(), data_dir.path().join("data").into_os_string()),
-            ("HEARTH_SERVER_NAME".to_owned(), format!("localhost:{port}").into()),
-            ("HEARTH_REGISTRATION".to_owned(), "open".into()),
-        ],
+        env,
         current_dir: None,
         output: log_path.clone(),
     };
@@ -368,6 +400,7 @@ pub async fn start_hearth(binary: &Path) -> Result<Launched> {
     let mut launched = Launched {
         child,
         base_url: format!("http://127.0.0.1:{port}"),
+        server_name,
         registration: Registration::Open,
         log_path,
         spawn,

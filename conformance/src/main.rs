@@ -256,12 +256,12 @@ async fn run(args: RunArgs, suite: Suite) -> Result<bool> {
     }
 
     let (server_label, launched) = match (args.server, &args.base_url) {
-        (Some(Server::Synapse), _) => ("synapse", Some(launcher::start_synapse().await?)),
+        (Some(Server::Synapse), _) => ("synapse", Some(launcher::start_synapse(None).await?)),
         (Some(Server::Hearth), _) => {
             let binary =
                 launcher::hearth_binary(args.hearth_bin.clone(), args.cargo_target_dir.clone())
                     .await?;
-            ("hearth", Some(launcher::start_hearth(&binary).await?))
+            ("hearth", Some(launcher::start_hearth(&binary, None).await?))
         }
         (None, Some(_)) => ("external", None),
         (None, None) => bail!("give --server hearth|synapse or --base-url URL"),

@@ -9,6 +9,8 @@
 //! of HTTP, request signing or key caching.
 
 use std::{
+    borrow::Borrow,
+    cell::RefCell,
     collections::{BTreeMap, HashMap, HashSet},
     sync::Arc,
 };
@@ -492,8 +494,10 @@ impl Rooms {
         Ok(())
     }
 
-    /// Stores an event known without its state (an auth event fetched to check another).
-    pub(crate) fn store_outlier(&self, pdu: &Pdu) -> Result<(), RoomError> {
+    /// Stores an event known without its state (an auth event fetched to check another): its
+    /// PDU and short id, no metadata, no timeline row. The caller has checked it; the criterion
+    /// benches (`benches/state_res.rs`) use this to lay out generated forks.
+    pub fn store_outlier(&self, pdu: &Pdu) -> Result<(), RoomError> {
         if self.pdu(&pdu.event_id)?.is_some() {
             return Ok(());
         }
@@ -579,6 +583,17 @@ impl Rooms {
             if !prev_snapshots.contains(&meta.state_after) {
                 prev_snapshots.push(meta.state_after);
             }
+        }
+        // The common case: the event follows exactly the room's forward extremities, whose
+        // state is the current state. Nothing forks, so the state before the event is the
+        // current state and the checks read only the few entries the auth rules name, instead
+        // of every entry of a room that may hold tens of thousands.
+        if let [snapshot] = prev_snapshots.as_slice()
+            && *snapshot == room.current_snapshot
+            && room.forward_extremities.len() == pdu.prev_events.len()
+            && room.forward_extremities.iter().all(|id| pdu.prev_events.contains(id))
+        {
+            return self.accept_linear(room, pdu, rules);
         }
         // 5. State before the event.
         let (state_before, before_snapshot) = if let [snapshot] = prev_snapshots.as_slice() {
@@ -669,6 +684,88 @@ impl Rooms {
         tracing::debug!(event_id = %pdu.event_id, position, "remote event persisted");
         self.inner.notifier.notify(position);
         Ok(if soft_failed.is_some() { Accepted::SoftFailed } else { Accepted::Persisted })
+    }
+
+    /// Checks 5 and 6 and the write for an event whose prev events are exactly the forward
+    /// extremities and whose state before is the current state (see [`Rooms::accept_locked`]).
+    /// The soft-fail check is the state-before check against the same state, so it cannot fail
+    /// where that passed; the state after is the current state plus the event, one delta.
+    fn accept_linear(
+        &self,
+        room: &mut RoomRecord,
+        pdu: &Pdu,
+        rules: &RoomVersionRules,
+    ) -> Result<Accepted, IngestError> {
+        let db = self.db();
+        let current = state::load_snapshot(db, &self.inner.snapshots, room.current_snapshot)?;
+        let lookup = |kind: &str, state_key: &str| -> Result<Option<OwnedEventId>, RoomError> {
+            let Some(key_short) = state::state_key_short(db, kind, state_key)? else {
+                return Ok(None);
+            };
+            match current.get(&key_short) {
+                Some(event_short) => Ok(state::event_id_of_short(db, *event_short)?),
+                None => Ok(None),
+            }
+        };
+        ruma::state_res::check_state_dependent_auth_rules(
+            &rules.authorization,
+            pdu,
+            |kind, state_key| {
+                let event_id = lookup(&kind.to_string(), state_key).ok().flatten()?;
+                self.pdu(&event_id).ok().flatten()
+            },
+        )
+        .map_err(IngestError::StateBefore)?;
+        let redaction_applies = match &pdu.redacts {
+            Some(redacts) => {
+                let mut levels = BTreeMap::new();
+                if let Some(event_id) = lookup("m.room.power_levels", "")? {
+                    levels.insert(("m.room.power_levels".to_owned(), String::new()), event_id);
+                }
+                self.remote_redaction_applies(&levels, pdu, redacts)?
+            }
+            None => false,
+        };
+        let room_id = pdu.room_id.clone();
+        let (position, ()) = self.db().write_at_next_position(|position, batch| {
+            let short = db.next_short(batch)?;
+            let state_before = room.current_snapshot;
+            let mut state_after = state_before;
+            if let Some(state_key) = &pdu.state_key {
+                let kind = pdu.kind.to_string();
+                state_after = Some(state::add_to_snapshot(
+                    db,
+                    &self.inner.snapshots,
+                    batch,
+                    state_before,
+                    &kind,
+                    state_key,
+                    short,
+                )?);
+                self.index_current_state(batch, &room_id, &kind, state_key, Some(pdu), position)?;
+            }
+            let meta = EventMeta {
+                room_id: room_id.clone(),
+                position,
+                short,
+                state_before,
+                state_after,
+                transaction: None,
+                redacted_by: None,
+                soft_failed: false,
+                current_after: None,
+            };
+            self.write_event_rows(batch, pdu, &meta, true, redaction_applies)?;
+            room.forward_extremities = vec![pdu.event_id.clone()];
+            room.depth = room.depth.max(pdu.depth);
+            room.current_snapshot = state_after;
+            room.last_position = position;
+            batch.put(ROOMS, room_id.as_bytes(), &*room)?;
+            Ok(())
+        })?;
+        tracing::debug!(event_id = %pdu.event_id, position, "remote event persisted");
+        self.inner.notifier.notify(position);
+        Ok(Accepted::Persisted)
     }
 
     /// A redaction takes effect when its sender may redact others' events, or redacts an
@@ -825,7 +922,11 @@ impl Rooms {
     /// State resolution of several state maps
     /// ([v2](https://spec.matrix.org/v1.16/rooms/v2/#state-resolution)). Maps that agree are
     /// merged without it. `extra` is an event not stored yet that may appear in the maps.
-    pub(crate) fn resolve_states(
+    ///
+    /// Every event of the maps and of their auth chains is read from the store (outliers
+    /// included). This is the path remote events take where the DAG forks; it is `pub` so that
+    /// the criterion benches (`benches/state_res.rs`) measure exactly it.
+    pub fn resolve_states(
         &self,
         rules: &RoomVersionRules,
         states: Vec<BTreeMap<(String, String), OwnedEventId>>,
@@ -840,11 +941,20 @@ impl Rooms {
                 "state resolution v1 (room version 1) is not supported".into(),
             ));
         };
-        let fetch = |event_id: &EventId| -> Option<Pdu> {
-            match extra {
-                Some(extra) if extra.event_id == event_id => Some(extra.clone()),
-                _ => self.pdu(event_id).ok().flatten(),
+        // Resolution asks for the same events again and again (both auth chains, the sorts,
+        // and every iterative auth check reads the event's auth events): each is read from the
+        // store and parsed once per resolution, then shared.
+        let cache: RefCell<HashMap<OwnedEventId, Option<Arc<Pdu>>>> = RefCell::default();
+        let fetch = |event_id: &EventId| -> Option<Arc<Pdu>> {
+            if let Some(found) = cache.borrow().get(event_id) {
+                return found.clone();
             }
+            let found = match extra {
+                Some(extra) if extra.event_id == event_id => Some(Arc::new(extra.clone())),
+                _ => self.pdu(event_id).ok().flatten().map(Arc::new),
+            };
+            cache.borrow_mut().insert(event_id.to_owned(), found.clone());
+            found
         };
         let maps: Vec<StateMap<OwnedEventId>> = states
             .iter()
@@ -910,15 +1020,15 @@ struct ShortIds {
 
 /// Every event reachable through `auth_events` from `start` (not `start` itself unless
 /// reachable), bounded by [`AUTH_CHAIN_EVENTS_MAX`].
-pub(crate) fn auth_chain(
+pub(crate) fn auth_chain<P: Borrow<Pdu>>(
     start: impl IntoIterator<Item = OwnedEventId>,
-    fetch: &impl Fn(&EventId) -> Option<Pdu>,
+    fetch: &impl Fn(&EventId) -> Option<P>,
 ) -> Result<HashSet<OwnedEventId>, String> {
     let mut chain = HashSet::new();
     let mut stack: Vec<OwnedEventId> = Vec::new();
     for event_id in start {
         if let Some(pdu) = fetch(&event_id) {
-            stack.extend(pdu.auth_events.iter().cloned());
+            stack.extend(pdu.borrow().auth_events.iter().cloned());
         }
     }
     while let Some(event_id) = stack.pop() {
@@ -929,7 +1039,8 @@ pub(crate) fn auth_chain(
             return Err("auth chain too long".into());
         }
         if let Some(pdu) = fetch(&event_id) {
-            stack.extend(pdu.auth_events.iter().filter(|id| !chain.contains(*id)).cloned());
+            stack
+                .extend(pdu.borrow().auth_events.iter().filter(|id| !chain.contains(*id)).cloned());
         }
     }
     Ok(chain)
@@ -937,9 +1048,9 @@ pub(crate) fn auth_chain(
 
 /// The conflicted state subgraph (room version 12): events on an auth path from one
 /// conflicted event to another, the conflicted events included.
-fn conflicted_state_subgraph(
+fn conflicted_state_subgraph<P: Borrow<Pdu>>(
     conflicted: &StateMap<Vec<OwnedEventId>>,
-    fetch: &impl Fn(&EventId) -> Option<Pdu>,
+    fetch: &impl Fn(&EventId) -> Option<P>,
 ) -> EventIdSet<OwnedEventId> {
     let targets: HashSet<OwnedEventId> = conflicted.values().flatten().cloned().collect();
     // Everything reachable from a conflicted event, with its auth events.
@@ -949,7 +1060,7 @@ fn conflicted_state_subgraph(
         if graph.contains_key(&event_id) || graph.len() > AUTH_CHAIN_EVENTS_MAX {
             continue;
         }
-        let auth = fetch(&event_id).map(|pdu| pdu.auth_events).unwrap_or_default();
+        let auth = fetch(&event_id).map(|pdu| pdu.borrow().auth_events.clone()).unwrap_or_default();
         stack.extend(auth.iter().cloned());
         graph.insert(event_id, auth);
     }

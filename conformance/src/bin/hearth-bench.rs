@@ -13,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use conformance::bench::{self, Better, Figure, Sizes};
 use conformance::client::{Ctx, Registration};
 use conformance::launcher::{self, Launched};
+use conformance::peer::Peer;
 use serde::{Deserialize, Serialize};
 
 #[derive(Parser, Debug)]
@@ -46,7 +47,7 @@ enum Servers {
 
 #[derive(clap::Args, Debug)]
 struct RunArgs {
-    /// Scenarios to run: S1, S2, S3, S4, S7, or `all`.
+    /// Scenarios to run: S1, S2, S3, S4, S5, S6, S7, or `all`.
     #[arg(default_value = "all")]
     scenarios: Vec<String>,
     /// Which servers to start (ignored with --base-url).
@@ -79,6 +80,20 @@ struct RunArgs {
     /// S7: messages sent to measure disk use.
     #[arg(long)]
     s7_messages: Option<usize>,
+    /// S5: state events the federation peer adds to the room before its messages.
+    #[arg(long)]
+    s5_state: Option<usize>,
+    /// S5: messages the federation peer sends, in transactions of 50.
+    #[arg(long)]
+    s5_messages: Option<usize>,
+    /// S6: the cargo profile the state resolution benches are built with (`bench` is the
+    /// optimised release build; `dev` reuses the test build, with only dependencies optimised).
+    #[arg(long)]
+    s6_profile: Option<String>,
+    /// Keep the figures of an earlier results file for the scenarios this run does not measure
+    /// (per server), so one page can show scenarios measured in different runs.
+    #[arg(long)]
+    merge: Option<PathBuf>,
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench-results.json")]
     output: PathBuf,
@@ -105,9 +120,26 @@ struct Results {
     /// Scenarios a server could not complete, with the error.
     #[serde(default)]
     failures: Vec<String>,
+    /// The cargo profile of S6's benches, when S6 ran.
+    #[serde(default)]
+    s6_profile: Option<String>,
+    /// Earlier runs whose figures were kept for scenarios this run did not measure.
+    #[serde(default)]
+    merged: Vec<Earlier>,
 }
 
-const SCENARIOS: [&str; 5] = ["S1", "S2", "S3", "S4", "S7"];
+/// An earlier run some figures come from.
+#[derive(Serialize, Deserialize)]
+struct Earlier {
+    command: String,
+    date: String,
+    machine: String,
+    tool_profile: String,
+    /// The scenarios whose figures come from that run.
+    scenarios: Vec<String>,
+}
+
+const SCENARIOS: [&str; 7] = ["S1", "S2", "S3", "S4", "S5", "S6", "S7"];
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -142,11 +174,6 @@ fn selected(args: &RunArgs) -> Result<Vec<&'static str>> {
         }
         match SCENARIOS.iter().find(|known| **known == name) {
             Some(known) => chosen.push(*known),
-            None if name == "S5" || name == "S6" => {
-                bail!(
-                    "{name} needs federation and state resolution, which Hearth does not have yet"
-                )
-            }
             None => bail!("unknown scenario {name}; known: {}", SCENARIOS.join(", ")),
         }
     }
@@ -168,6 +195,19 @@ async fn run(args: RunArgs) -> Result<()> {
     if let Some(value) = args.s7_messages {
         sizes.s7_messages = value;
     }
+    if let Some(value) = args.s5_state {
+        sizes.s5_state = value;
+    }
+    if let Some(value) = args.s5_messages {
+        sizes.s5_messages = value;
+    }
+    // S5's peer exists before the servers start: they are told to trust its CA.
+    let peer = if scenarios.contains(&"S5") && args.base_url.is_none() {
+        Some(Peer::start().await.context("starting the federation peer")?)
+    } else {
+        None
+    };
+    let peer_ca = peer.as_ref().map(Peer::ca_path);
     if args.pin {
         pin(std::process::id(), 1).await?;
     }
@@ -181,7 +221,7 @@ async fn run(args: RunArgs) -> Result<()> {
         let ctx = Ctx::new(base_url, registration)?;
         let version = server_version(&ctx).await;
         let mut failed = Vec::new();
-        let figures = measure(&ctx, None, &scenarios, &sizes, args.pin, &mut failed).await?;
+        let figures = measure(&ctx, None, None, &scenarios, &sizes, args.pin, &mut failed).await?;
         failures.extend(failed.into_iter().map(|failure| format!("{base_url} {failure}")));
         servers.push((base_url.clone(), version, figures));
     } else {
@@ -197,9 +237,9 @@ async fn run(args: RunArgs) -> Result<()> {
                     std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from),
                 )
                 .await?;
-                launcher::start_hearth(&binary).await?
+                launcher::start_hearth(&binary, peer_ca.as_deref()).await?
             } else {
-                launcher::start_synapse().await?
+                launcher::start_synapse(peer_ca.as_deref()).await?
             };
             println!(
                 "{label}: started at {} in {} ms",
@@ -209,14 +249,48 @@ async fn run(args: RunArgs) -> Result<()> {
             let ctx = Ctx::new(&launched.base_url, launched.registration.clone())?;
             let version = server_version(&ctx).await;
             let mut failed = Vec::new();
-            let figures =
-                measure(&ctx, Some(&mut launched), &scenarios, &sizes, args.pin, &mut failed).await;
+            let figures = measure(
+                &ctx,
+                Some(&mut launched),
+                peer.as_ref(),
+                &scenarios,
+                &sizes,
+                args.pin,
+                &mut failed,
+            )
+            .await;
             failures.extend(failed.into_iter().map(|failure| format!("{label} {failure}")));
             launched.stop().await;
             servers.push(((*label).to_owned(), version, figures?));
         }
     }
-    let results = Results {
+    // S6 measures Hearth's code in-process, not a server: its figures go with Hearth's.
+    let s6_profile = if scenarios.contains(&"S6") {
+        let profile = args
+            .s6_profile
+            .clone()
+            .unwrap_or_else(|| if args.smoke { "dev" } else { "bench" }.to_owned());
+        println!("  S6 ... (cargo bench --profile {profile})");
+        match bench::s6_state_resolution(&profile, args.smoke).await {
+            Ok(found) => {
+                for figure in &found {
+                    println!("    {}: {:.1}", figure.metric, figure.value);
+                }
+                match servers.iter_mut().find(|(label, _, _)| label == "hearth") {
+                    Some((_, _, figures)) => figures.extend(found),
+                    None => servers.insert(0, ("hearth".to_owned(), "Hearth".to_owned(), found)),
+                }
+            }
+            Err(error) => {
+                println!("    S6 did not complete: {error:#}");
+                failures.push(format!("hearth S6: {error:#}"));
+            }
+        }
+        Some(profile)
+    } else {
+        None
+    };
+    let mut results = Results {
         command: std::env::args().collect::<Vec<_>>().join(" "),
         date: utc_now().await,
         machine: machine(),
@@ -225,7 +299,12 @@ async fn run(args: RunArgs) -> Result<()> {
         tool_profile: if cfg!(debug_assertions) { "dev" } else { "release" }.to_owned(),
         servers,
         failures,
+        s6_profile,
+        merged: Vec::new(),
     };
+    if let Some(earlier) = &args.merge {
+        merge(&mut results, earlier, &scenarios)?;
+    }
     print!("{}", table(&results));
     for failure in &results.failures {
         println!("did not complete: {failure}");
@@ -239,10 +318,91 @@ async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs the scenarios against one server; S4 and S7 only when this tool started it.
+/// Keeps the figures of `earlier` for the scenarios this run did not measure, per server, and
+/// their sizes; the page then names both runs.
+fn merge(results: &mut Results, earlier: &Path, scenarios: &[&str]) -> Result<()> {
+    let old: Results = serde_json::from_slice(
+        &std::fs::read(earlier).with_context(|| format!("reading {}", earlier.display()))?,
+    )
+    .with_context(|| format!("parsing {}", earlier.display()))?;
+    let mut kept = Vec::new();
+    for (label, version, figures) in old.servers {
+        let figures: Vec<Figure> = figures
+            .into_iter()
+            .filter(|figure| !scenarios.contains(&figure.scenario.as_str()))
+            .collect();
+        for figure in &figures {
+            if !kept.contains(&figure.scenario) {
+                kept.push(figure.scenario.clone());
+            }
+        }
+        match results.servers.iter_mut().find(|(known, _, _)| *known == label) {
+            Some((_, _, current)) => {
+                let mut merged = figures;
+                merged.append(current);
+                *current = merged;
+            }
+            None => results.servers.push((label, version, figures)),
+        }
+    }
+    let sizes = &mut results.sizes;
+    for scenario in &kept {
+        match scenario.as_str() {
+            "S1" => {
+                (sizes.s1_messages, sizes.s1_senders) =
+                    (old.sizes.s1_messages, old.sizes.s1_senders.clone())
+            }
+            "S2" => {
+                (sizes.s2_clients, sizes.s2_rate, sizes.s2_seconds) =
+                    (old.sizes.s2_clients, old.sizes.s2_rate, old.sizes.s2_seconds)
+            }
+            "S3" => {
+                (sizes.s3_rooms, sizes.s3_members, sizes.s3_history) =
+                    (old.sizes.s3_rooms, old.sizes.s3_members, old.sizes.s3_history)
+            }
+            "S5" => {
+                (sizes.s5_state, sizes.s5_messages) = (old.sizes.s5_state, old.sizes.s5_messages)
+            }
+            "S7" => sizes.s7_messages = old.sizes.s7_messages,
+            _ => {}
+        }
+    }
+    if kept.contains(&"S6".to_owned()) && results.s6_profile.is_none() {
+        results.s6_profile = old.s6_profile;
+    }
+    results.failures.extend(
+        old.failures.into_iter().filter(|failure| {
+            kept.iter().any(|scenario| failure.contains(&format!(" {scenario}:")))
+        }),
+    );
+    results.merged.extend(
+        old.merged
+            .into_iter()
+            .filter(|run| run.scenarios.iter().any(|scenario| kept.contains(scenario))),
+    );
+    // Scenarios the earlier file itself carried over from runs before it stay theirs.
+    let own: Vec<String> = kept
+        .iter()
+        .filter(|scenario| !results.merged.iter().any(|run| run.scenarios.contains(scenario)))
+        .cloned()
+        .collect();
+    if !own.is_empty() {
+        results.merged.push(Earlier {
+            command: old.command,
+            date: old.date,
+            machine: old.machine,
+            tool_profile: old.tool_profile,
+            scenarios: own,
+        });
+    }
+    Ok(())
+}
+
+/// Runs the scenarios against one server; S4, S5 and S7 only when this tool started it.
 async fn measure(
     ctx: &Ctx,
     mut launched: Option<&mut Launched>,
+    peer: Option<&Peer>,
     scenarios: &[&str],
     sizes: &Sizes,
     pinned: bool,
@@ -271,11 +431,25 @@ async fn measure(
         }
     }
     for scenario in scenarios {
+        if *scenario == "S6" {
+            // Not a server scenario: run once, by `run`.
+            continue;
+        }
         println!("  {scenario} ...");
         let found = match *scenario {
             "S1" => bench::s1_send(ctx, sizes).await,
             "S2" => bench::s2_delivery(ctx, sizes).await,
             "S3" => bench::s3_initial_sync(ctx, sizes).await,
+            "S5" => match (launched.as_ref(), peer) {
+                (Some(launched), Some(peer)) => {
+                    let target = bench::FederationTarget {
+                        base_url: &launched.base_url,
+                        server_name: &launched.server_name,
+                    };
+                    bench::s5_federation_ingest(ctx, sizes, peer, &target).await
+                }
+                _ => Ok(Vec::new()),
+            },
             "S7" => match launched.as_ref() {
                 Some(launched) => bench::s7_disk(ctx, sizes, &launched.database_dir).await,
                 None => Ok(Vec::new()),
@@ -444,7 +618,8 @@ fn docs(results_path: &Path, output: Option<PathBuf>) -> Result<()> {
     page.push_str("<!-- Generated by `hearth-bench docs` from the results of one run; do not edit by hand. -->\n\n");
     page.push_str(
         "Hearth and Synapse measured side by side by `hearth-bench` (in `conformance/`), in the same run, \
-on the same machine, through the standard client-server API only. The last column says how many times \
+on the same machine, through the standard client-server API (S5: the server-server API, driven by a \
+synthetic federation peer; S6: Hearth's state resolution in-process, which Synapse has no equivalent bench for). The last column says how many times \
 better Hearth is (throughput: Hearth / Synapse; times, memory and bytes: Synapse / Hearth); below 1 means worse.\n\n",
     );
     let _ = writeln!(page, "- Date: {}", results.date);
@@ -466,21 +641,65 @@ better Hearth is (throughput: Hearth / Synapse; times, memory and bytes: Synapse
         let _ =
             writeln!(page, "- Load generator built with the `{}` profile", results.tool_profile);
     }
+    if let Some(profile) = &results.s6_profile {
+        let _ = writeln!(
+            page,
+            "- S6 benches built with the `{profile}` cargo profile{}",
+            if profile == "dev" {
+                " (dependencies, ruma's state resolution among them, optimised; Hearth's own code not)"
+            } else {
+                ""
+            }
+        );
+    }
+    for earlier in &results.merged {
+        let _ = writeln!(
+            page,
+            "- {} from an earlier run: {} on {}, load generator built with `{}`",
+            earlier.scenarios.join(", "),
+            earlier.date,
+            earlier.machine,
+            earlier.tool_profile
+        );
+    }
     page.push_str("\n## Results\n\n");
     page.push_str(&table(&results));
+    page.push_str(&s6_goal(&results));
     if !results.failures.is_empty() {
-        page.push_str("\nScenarios a server could not complete in this run (its requests timed out under the load):\n\n");
+        page.push_str("\nScenarios a server could not complete (with the error the tool saw):\n\n");
         for failure in &results.failures {
             let _ = writeln!(page, "- {}", failure.replace('\n', " "));
         }
     }
     page.push_str("\n## Reproduce\n\n```sh\n");
+    for earlier in &results.merged {
+        let _ = writeln!(page, "{}", reproducible(&earlier.command));
+    }
     let _ = writeln!(page, "{}", reproducible(&results.command));
     page.push_str("cargo run --release -p conformance --bin hearth-bench -- docs --results target/bench-results.json\n```\n\n");
     page.push_str(SCENARIO_NOTES);
     std::fs::write(&output, page).with_context(|| format!("writing {}", output.display()))?;
     println!("wrote {}", output.display());
     Ok(())
+}
+
+/// S6 against its goal (there is no Synapse figure to compare with).
+fn s6_goal(results: &Results) -> String {
+    let largest = bench::S6_SIZES[bench::S6_SIZES.len() - 1];
+    let metric = format!("state resolution, {largest} conflicted state events: ms");
+    let found = results
+        .servers
+        .iter()
+        .flat_map(|(_, _, figures)| figures)
+        .find(|figure| figure.scenario == "S6" && figure.metric == metric);
+    match found {
+        Some(figure) => format!(
+            "\nS6 has no Synapse column: Synapse has no equivalent bench. Its goal is < 100 ms at {largest} conflicted state events on one core; measured {:.1} ms, so the goal is {}.\n",
+            figure.value,
+            if figure.value < 100.0 { "met" } else { "missed" }
+        ),
+        None => String::new(),
+    }
 }
 
 /// The run's command line as a `cargo run` invocation.
@@ -497,9 +716,11 @@ const SCENARIO_NOTES: &str = "## Scenarios and goals
 | S2 | delivery latency: clients long-polling `/sync` in one room, 50 messages/s; from the start of the send request to arrival in each client | p99 < 20 ms and ≥ 10x better than Synapse |
 | S3 | initial sync of a user in many rooms with members and history: lazy members with timeline 1/5/20, and full member state | ≥ 10x Synapse with lazy members, never slower with full state |
 | S4 | footprint: resident memory idle and after the run, start-up time to a first answer, empty and with the run's data | idle < 30 MiB, start-up < 1 s empty |
+| S5 | federation ingest: a synthetic peer (its own key, its keys served over TLS with its own CA) joins a public room by `make_join`/`send_join` v2, adds state events to it, then sends messages in transactions of 50 (`PUT /send/{txnId}`), the next as soon as the answer came; PDUs accepted per second, and PDUs whose per-PDU result is an error | the ratio to Synapse; the room size the issue names is 30,000 state events (`--s5-state`) |
+| S6 | state resolution: criterion benches (`benches/state_res.rs`) of `Rooms::resolve_states` on generated, signed room version 11 forks of 10, 1,000 and 10,000 conflicted state events (two branches: power levels, then every member renamed in one and leaving in the other), events read from RocksDB | < 100 ms at 10,000 on one core |
 | S7 | disk: database bytes per message | ≤ 1 KiB per message and ≤ 1/3 of Synapse |
 
 Synapse runs on SQLite with every rate limit raised (the launcher's configuration), Hearth on its embedded RocksDB; both start on a fresh data directory.
 
-Not measured yet: S5 (federation ingest) needs a synthetic signing peer in this tool, and S6 (criterion benches of state resolution on generated forks) is not written; S3 at 300 rooms of 300 members and S4/S7 at 1M events need set-up times that Synapse cannot reach in a run of reasonable length (about 50 joins or messages per second): pass `--s3-rooms 300 --s3-members 300` or `--s7-messages 1000000` to measure them anyway.
+Not measured yet: the other half of S5, this server joining a room of 30,000 state events on another server, needs outbound joins, which Hearth does not have yet; S3 at 300 rooms of 300 members and S4/S7 at 1M events need set-up times that Synapse cannot reach in a run of reasonable length (about 50 joins or messages per second): pass `--s3-rooms 300 --s3-members 300` or `--s7-messages 1000000` to measure them anyway.
 ";
