@@ -110,7 +110,13 @@ fn fork(conflicted: usize) -> Fork {
         )
         .expect("a signing key"),
     );
-    let rooms = Rooms::new(db.clone(), key.clone(), RoomVersionId::V11, Notifier::new(0));
+    let rooms = Rooms::new(
+        db.clone(),
+        key.clone(),
+        RoomVersionId::V11,
+        Notifier::new(0),
+        hearth::outbox::Outbox::new(db.clone()),
+    );
     let room_id: OwnedRoomId = format!("!bench:{SERVER}").try_into().expect("a room id");
     let mut builder = Builder { rooms: rooms.clone(), key, room_id, timestamp: 1_000_000 };
     let creator = format!("@creator:{SERVER}");

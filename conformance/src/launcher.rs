@@ -497,6 +497,7 @@ pub async fn start_hearth_federating(
     let child = spawn.spawn()?;
     let mut launched = Launched {
         child,
+        server_name: server_name.clone(),
         base_url: format!("http://{ip}:{port}"),
         registration: Registration::Open,
         log_path,
@@ -598,6 +599,7 @@ pub async fn start_synapse_federating(ip: &str, tls: &TlsFiles) -> Result<Federa
     let child = spawn.spawn().context("starting Synapse")?;
     let mut launched = Launched {
         child,
+        server_name: server_name.clone(),
         base_url: format!("http://{ip}:{port}"),
         registration: Registration::Open,
         log_path: dir.join("homeserver.log"),

@@ -212,8 +212,7 @@ async fn run_federation(args: FederationArgs) -> Result<bool> {
     second.launched.stop().await;
     let results = outcome?;
     let wall_time_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let report =
-        Report::new(label, None, &pair.first.base_url().to_owned(), None, wall_time_ms, results);
+    let report = Report::new(label, None, pair.first.base_url(), None, wall_time_ms, results);
     let report_path = args.report.clone().unwrap_or_else(|| {
         launcher::workspace_root()
             .join("target")

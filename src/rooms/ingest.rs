@@ -754,6 +754,7 @@ impl Rooms {
                 redacted_by: None,
                 soft_failed: false,
                 current_after: None,
+                outlier: false,
             };
             self.write_event_rows(batch, pdu, &meta, true, redaction_applies)?;
             room.forward_extremities = vec![pdu.event_id.clone()];
