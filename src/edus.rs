@@ -1,5 +1,5 @@
-//! Typing, receipts and presence between servers: what a local user's typing, public read
-//! receipt or presence becomes for the servers that share a room with them (EDUs queued in
+//! Typing, receipts, presence and device lists between servers: what a local user's typing,
+//! public read receipt, presence or device and cross-signing key change becomes for the servers that share a room with them (EDUs queued in
 //! the outbox), and what such EDUs from another server change here.
 //!
 //! [Typing](https://spec.matrix.org/v1.16/server-server-api/#typing-notifications),
@@ -71,14 +71,7 @@ pub fn send_presence(
     presence: &str,
     status_msg: Option<&str>,
 ) -> Result<(), EduError> {
-    let mut servers: Vec<OwnedServerName> = Vec::new();
-    for room_id in rooms.joined_rooms(user_id)? {
-        for server in rooms.servers_in_room(&room_id)? {
-            if !servers.contains(&server) {
-                servers.push(server);
-            }
-        }
-    }
+    let servers = servers_sharing_a_room(rooms, user_id)?;
     let mut update = json!({
         "user_id": user_id,
         "presence": presence,
@@ -89,6 +82,75 @@ pub fn send_presence(
         update["status_msg"] = json!(status_msg);
     }
     rooms.outbox().send_edu(&servers, "m.presence", json!({"push": [update]}))?;
+    Ok(())
+}
+
+/// The servers that share a room with `user_id`: where news about the user goes.
+fn servers_sharing_a_room(
+    rooms: &Rooms,
+    user_id: &UserId,
+) -> Result<Vec<OwnedServerName>, EduError> {
+    let mut servers: Vec<OwnedServerName> = Vec::new();
+    for room_id in rooms.joined_rooms(user_id)? {
+        for server in rooms.servers_in_room(&room_id)? {
+            if !servers.contains(&server) {
+                servers.push(server);
+            }
+        }
+    }
+    Ok(servers)
+}
+
+/// Tells the servers that share a room with a local user that one of their devices changed
+/// (new keys) or was deleted
+/// ([`m.device_list_update`](https://spec.matrix.org/v1.16/server-server-api/#device-management)).
+/// `prev_id` is left empty: receivers then fetch the whole list (`user/devices`) when they
+/// cannot apply the update on what they have.
+pub fn send_device_list_update(
+    rooms: &Rooms,
+    user_id: &UserId,
+    device_id: &str,
+    stream_id: u64,
+    keys: Option<&Value>,
+    deleted: bool,
+) -> Result<(), EduError> {
+    let servers = servers_sharing_a_room(rooms, user_id)?;
+    let mut content = json!({
+        "user_id": user_id,
+        "device_id": device_id,
+        "stream_id": stream_id,
+        "prev_id": [],
+    });
+    if deleted {
+        content["deleted"] = json!(true);
+    }
+    if let Some(keys) = keys {
+        content["keys"] = keys.clone();
+    }
+    rooms.outbox().send_edu(&servers, "m.device_list_update", content)?;
+    Ok(())
+}
+
+/// Tells the servers that share a room with a local user of their new master and
+/// self-signing keys (`m.signing_key_update`; the user-signing key never leaves this server).
+pub fn send_signing_key_update(
+    rooms: &Rooms,
+    user_id: &UserId,
+    master_key: Option<&Value>,
+    self_signing_key: Option<&Value>,
+) -> Result<(), EduError> {
+    if master_key.is_none() && self_signing_key.is_none() {
+        return Ok(());
+    }
+    let servers = servers_sharing_a_room(rooms, user_id)?;
+    let mut content = json!({"user_id": user_id});
+    if let Some(key) = master_key {
+        content["master_key"] = key.clone();
+    }
+    if let Some(key) = self_signing_key {
+        content["self_signing_key"] = key.clone();
+    }
+    rooms.outbox().send_edu(&servers, "m.signing_key_update", content)?;
     Ok(())
 }
 

@@ -95,6 +95,31 @@ async fn two_hearths_join_talk_and_moderate_across_servers() {
     let (_, joined) = bob.client.get("/_matrix/client/v3/joined_rooms").await;
     assert_eq!(joined["joined_rooms"], json!([room_id]), "{joined}");
 
+    // Bob's new device keys reach alice's server: she sees him in device_lists.changed, and
+    // her keys/query asks B for them.
+    let since = alice.sync(None, 0).await["next_batch"].as_str().expect("next_batch").to_owned();
+    let (status, answer) = bob
+        .client
+        .post(
+            "/_matrix/client/v3/keys/upload",
+            json!({"device_keys": crate::e2ee::device_keys(&bob)}),
+        )
+        .await;
+    assert_eq!(status, 200, "keys/upload: {answer}");
+    alice
+        .sync_until(Some(since), |sync| {
+            sync["device_lists"]["changed"]
+                .as_array()
+                .is_some_and(|changed| changed.iter().any(|user| user == bob.user_id.as_str()))
+        })
+        .await;
+    let (status, keys) = alice
+        .client
+        .post("/_matrix/client/v3/keys/query", json!({"device_keys": {&bob.user_id: []}}))
+        .await;
+    assert_eq!(status, 200, "keys/query: {keys}");
+    assert!(keys["device_keys"][&bob.user_id][&bob.device_id].is_object(), "{keys}");
+
     // 100 messages each way; each side sees both senders' messages in their order.
     for n in 0..100 {
         alice.send_text(&room_id, &format!("a{n}")).await;

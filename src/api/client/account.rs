@@ -186,7 +186,7 @@ async fn change_password(
             .filter(|device_id| *device_id != auth.device_id)
             .collect();
         state.accounts.delete_all_devices(&auth.user_id, Some(auth.device_id.as_str()))?;
-        state.e2ee.delete_devices(&auth.user_id, &others)?;
+        crate::api::client::device::forget_devices(&state, &auth.user_id, &others)?;
     }
     Ok(Json(json!({})))
 }
@@ -230,7 +230,7 @@ async fn deactivate(
     let devices: Vec<_> =
         state.accounts.devices(&auth.user_id)?.into_iter().map(|device| device.device_id).collect();
     state.accounts.deactivate(&auth.user_id)?;
-    state.e2ee.delete_devices(&auth.user_id, &devices)?;
+    crate::api::client::device::forget_devices(&state, &auth.user_id, &devices)?;
     tracing::info!(user_id = %auth.user_id, "account deactivated");
     Ok(Json(json!({"id_server_unbind_result": "no-support"})))
 }

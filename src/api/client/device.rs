@@ -7,6 +7,7 @@ use axum::{
     extract::State,
     routing::{get, post},
 };
+use ruma::{OwnedDeviceId, UserId};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
@@ -92,7 +93,7 @@ async fn delete_device(
         .check(body.auth.as_ref(), &[&["m.login.password"]], password_stage(&state, &auth))
         .await?;
     state.accounts.delete_device(&auth.user_id, device_id)?;
-    state.e2ee.delete_devices(&auth.user_id, &[device_id.into()])?;
+    forget_devices(&state, &auth.user_id, &[device_id.into()])?;
     Ok(Json(json!({})))
 }
 
@@ -120,6 +121,28 @@ async fn delete_devices(
             Err(error) => return Err(error.into()),
         }
     }
-    state.e2ee.delete_devices(&auth.user_id, &deleted)?;
+    forget_devices(&state, &auth.user_id, &deleted)?;
     Ok(Json(json!({})))
+}
+
+/// Forgets deleted devices' keys and to-device queues, and tells the servers that share a room
+/// with the user that they are gone.
+pub(crate) fn forget_devices(
+    state: &AppState,
+    user_id: &UserId,
+    device_ids: &[OwnedDeviceId],
+) -> Result<(), ApiError> {
+    state.e2ee.delete_devices(user_id, device_ids)?;
+    let stream_id = state.e2ee.device_list_stream_id(user_id)?;
+    for device_id in device_ids {
+        crate::edus::send_device_list_update(
+            &state.rooms,
+            user_id,
+            device_id.as_str(),
+            stream_id,
+            None,
+            true,
+        )?;
+    }
+    Ok(())
 }

@@ -23,7 +23,7 @@ use crate::{
         error::{ApiError, ApiResult, signature_failure},
         extract::{Auth, Body, Query},
     },
-    e2ee::{ClaimedKey, CrossSigningKind, E2ee, remote},
+    e2ee::{ClaimedKey, CrossSigningKind, remote},
     sync::parse_token,
 };
 
@@ -49,17 +49,30 @@ struct UploadBody {
 
 /// `POST /_matrix/client/v3/keys/upload`
 async fn upload_keys(
-    State(e2ee): State<E2ee>,
+    State(state): State<AppState>,
     auth: Auth,
     Body(body): Body<UploadBody>,
 ) -> ApiResult {
-    let counts = e2ee.upload_keys(
+    let before = state.e2ee.device_list_stream_id(&auth.user_id)?;
+    let counts = state.e2ee.upload_keys(
         &auth.user_id,
         &auth.device_id,
         body.device_keys.as_ref(),
         &body.one_time_keys,
         &body.fallback_keys,
     )?;
+    // New device keys are news for the servers that share a room with the user.
+    let after = state.e2ee.device_list_stream_id(&auth.user_id)?;
+    if after != before {
+        crate::edus::send_device_list_update(
+            &state.rooms,
+            &auth.user_id,
+            auth.device_id.as_str(),
+            after,
+            body.device_keys.as_ref(),
+            false,
+        )?;
+    }
     Ok(Json(json!({"one_time_key_counts": counts})))
 }
 
@@ -252,6 +265,15 @@ async fn upload_cross_signing_keys(
             .await?;
     }
     state.e2ee.upload_cross_signing_keys(&auth.user_id, &uploaded)?;
+    let uploaded_key = |kind: CrossSigningKind| {
+        uploaded.iter().find(|(uploaded_kind, _)| *uploaded_kind == kind).map(|(_, key)| key)
+    };
+    crate::edus::send_signing_key_update(
+        &state.rooms,
+        &auth.user_id,
+        uploaded_key(CrossSigningKind::Master),
+        uploaded_key(CrossSigningKind::SelfSigning),
+    )?;
     Ok(Json(json!({})))
 }
 

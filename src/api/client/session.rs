@@ -89,7 +89,11 @@ async fn login(State(state): State<AppState>, Body(body): Body<LoginBody>) -> Ap
 /// `POST /_matrix/client/v3/logout`
 async fn logout(State(state): State<AppState>, auth: Auth) -> ApiResult {
     state.accounts.delete_device(&auth.user_id, auth.device_id.as_str())?;
-    state.e2ee.delete_devices(&auth.user_id, std::slice::from_ref(&auth.device_id))?;
+    crate::api::client::device::forget_devices(
+        &state,
+        &auth.user_id,
+        std::slice::from_ref(&auth.device_id),
+    )?;
     Ok(Json(json!({})))
 }
 
@@ -98,6 +102,6 @@ async fn logout_all(State(state): State<AppState>, auth: Auth) -> ApiResult {
     let devices: Vec<_> =
         state.accounts.devices(&auth.user_id)?.into_iter().map(|device| device.device_id).collect();
     state.accounts.delete_all_devices(&auth.user_id, None)?;
-    state.e2ee.delete_devices(&auth.user_id, &devices)?;
+    crate::api::client::device::forget_devices(&state, &auth.user_id, &devices)?;
     Ok(Json(json!({})))
 }
