@@ -156,6 +156,15 @@ async fn wait_body(viewer: &User, room_id: &str, body: &str) -> Result<()> {
     .await
 }
 
+/// Waits until `user`'s sync lists the room under `rooms.<section>` (`invite`, `leave`).
+async fn wait_section(user: &User, section: &str, room_id: &str) -> Result<()> {
+    let pointer = format!("/rooms/{section}/{}", crate::client::pointer_key(room_id));
+    user.sync_until("", &format!("the room under rooms.{section}"), |sync| {
+        sync.pointer(&pointer).map(|_| ())
+    })
+    .await
+}
+
 /// `user` joins `room_id` through `server`.
 async fn join_via(user: &User, room_id: &str, server: &str) -> Result<crate::client::Resp> {
     user.post(&v3(&format!("/join/{}?server_name={}", enc(room_id), enc(server))), json!({})).await
@@ -278,12 +287,7 @@ async fn invite(sides: Sides) -> Result<()> {
     let room_id =
         owner.create_room(json!({"preset": "private_chat", "name": "Invite only"})).await?;
     owner.invite(&room_id, &guest.user_id).await?;
-    guest
-        .sync_until("", "the invite", |sync| {
-            sync.pointer(&format!("/rooms/invite/{}", crate::client::pointer_key(&room_id)))
-                .map(|_| ())
-        })
-        .await?;
+    wait_section(&guest, "invite", &room_id).await?;
     guest
         .post(&room_path(&room_id, "/join"), json!({}))
         .await?
@@ -299,12 +303,7 @@ async fn reject_invite(sides: Sides) -> Result<()> {
     let guest = sides.away.user_named("guest").await?;
     let room_id = owner.create_private_room().await?;
     owner.invite(&room_id, &guest.user_id).await?;
-    guest
-        .sync_until("", "the invite", |sync| {
-            sync.pointer(&format!("/rooms/invite/{}", crate::client::pointer_key(&room_id)))
-                .map(|_| ())
-        })
-        .await?;
+    wait_section(&guest, "invite", &room_id).await?;
     guest.leave(&room_id).await.context("rejecting the invite")?;
     wait_membership(&owner, &room_id, &guest.user_id, "leave").await
 }
@@ -312,24 +311,14 @@ async fn reject_invite(sides: Sides) -> Result<()> {
 async fn kick(sides: Sides) -> Result<()> {
     let (owner, guest, room_id) = joined_room(&sides).await?;
     owner.post(&room_path(&room_id, "/kick"), json!({"user_id": guest.user_id})).await?.ok()?;
-    guest
-        .sync_until("", "the kick", |sync| {
-            sync.pointer(&format!("/rooms/leave/{}", crate::client::pointer_key(&room_id)))
-                .map(|_| ())
-        })
-        .await?;
+    wait_section(&guest, "leave", &room_id).await?;
     Ok(())
 }
 
 async fn ban(sides: Sides) -> Result<()> {
     let (owner, guest, room_id) = joined_room(&sides).await?;
     owner.post(&room_path(&room_id, "/ban"), json!({"user_id": guest.user_id})).await?.ok()?;
-    guest
-        .sync_until("", "the ban", |sync| {
-            sync.pointer(&format!("/rooms/leave/{}", crate::client::pointer_key(&room_id)))
-                .map(|_| ())
-        })
-        .await?;
+    wait_section(&guest, "leave", &room_id).await?;
     let rejoin = join_via(&guest, &room_id, &sides.home_name).await?;
     if rejoin.status == 200 {
         bail!("a banned user joined again: {}", short(&rejoin.body));
