@@ -367,7 +367,103 @@ fn now_ms() -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use ruma::server_name;
+
     use super::*;
+    use crate::{ClientConfig, MemoryKeyStore, ServerSigningKey};
+
+    /// A queue in memory that counts how often the sender looked at it.
+    #[derive(Default)]
+    struct MemoryQueue {
+        items: Mutex<HashMap<OwnedServerName, Vec<OutboundItem>>>,
+        reads: AtomicUsize,
+    }
+
+    impl OutboundQueue for MemoryQueue {
+        fn destinations(&self) -> Result<Vec<OwnedServerName>, Error> {
+            Ok(self.items.lock().unwrap().keys().cloned().collect())
+        }
+
+        fn pending(
+            &self,
+            destination: &ServerName,
+            limit: usize,
+        ) -> Result<Vec<OutboundItem>, Error> {
+            self.reads.fetch_add(1, Ordering::SeqCst);
+            let items = self.items.lock().unwrap();
+            Ok(items
+                .get(destination)
+                .map(|list| list.iter().take(limit).cloned().collect())
+                .unwrap_or_default())
+        }
+
+        fn remove(&self, destination: &ServerName, ids: &[u64]) -> Result<(), Error> {
+            if let Some(list) = self.items.lock().unwrap().get_mut(destination) {
+                list.retain(|item| !ids.contains(&item.id));
+            }
+            Ok(())
+        }
+    }
+
+    /// A peer that accepts connections and never says a word: its transactions time out,
+    /// the sender backs off and tries again, and nothing queued for it is lost.
+    #[tokio::test]
+    async fn a_peer_that_never_answers_is_retried_and_loses_nothing() {
+        let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = silent.local_addr().unwrap().port();
+        let held = tokio::spawn(async move {
+            let mut open = Vec::new();
+            while let Ok((stream, _)) = silent.accept().await {
+                open.push(stream);
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let key = ServerSigningKey::load_or_generate(
+            &dir.path().join("key"),
+            server_name!("sender.test").to_owned(),
+        )
+        .unwrap();
+        let config = ClientConfig {
+            allow_private: true,
+            connect_timeout: Duration::from_millis(300),
+            request_timeout: Duration::from_millis(300),
+            ..ClientConfig::default()
+        };
+        let client =
+            Client::new(Arc::new(key), Arc::new(MemoryKeyStore::default()), config).unwrap();
+        let destination = OwnedServerName::try_from(format!("127.0.0.1:{port}")).unwrap();
+        let queue = Arc::new(MemoryQueue::default());
+        queue.items.lock().unwrap().insert(
+            destination.clone(),
+            vec![OutboundItem { id: 1, kind: OutboundKind::Pdu, json: json!({"n": 1}) }],
+        );
+        let config = SenderConfig {
+            retry_initial: Duration::from_millis(50),
+            retry_max: Duration::from_millis(100),
+            concurrent_destinations_max: 4,
+        };
+        let sender = Sender::new(client, queue.clone(), config);
+        let shutdown = Arc::new(Notify::new());
+        let running = {
+            let (sender, shutdown) = (sender.clone(), shutdown.clone());
+            tokio::spawn(async move { sender.run(shutdown).await })
+        };
+        // At least three attempts (reads of the queue) within a few seconds: it keeps trying.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while queue.reads.load(Ordering::SeqCst) < 3 {
+            assert!(Instant::now() < deadline, "the sender stopped trying");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(queue.pending(&destination, 10).unwrap().len(), 1, "the item is still queued");
+        shutdown.notify_one();
+        tokio::time::timeout(Duration::from_secs(5), running)
+            .await
+            .expect("the sender stops when told")
+            .unwrap();
+        held.abort();
+    }
 
     fn item(id: u64, kind: OutboundKind) -> OutboundItem {
         OutboundItem { id, kind, json: json!({}) }
