@@ -255,14 +255,10 @@ impl Sender {
                 }
                 () = retry => {
                     let now = Instant::now();
-                    for (destination, state) in &destinations {
+                    for (destination, state) in &mut destinations {
                         if !state.busy && state.retry_at.is_some_and(|at| at <= now) {
-                            waiting.push(destination.clone());
-                        }
-                    }
-                    for destination in &waiting {
-                        if let Some(state) = destinations.get_mut(destination) {
                             state.retry_at = None;
+                            waiting.push(destination.clone());
                         }
                     }
                 }
