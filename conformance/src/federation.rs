@@ -332,3 +332,89 @@ async fn leave(sides: Sides) -> Result<()> {
     guest.leave(&room_id).await?;
     wait_membership(&owner, &room_id, &guest.user_id, "leave").await
 }
+
+/// The room's current state as `viewer`'s server has it: (type, state key, event id), sorted.
+async fn state_events(viewer: &User, room_id: &str) -> Result<Vec<(String, String, String)>> {
+    let state = viewer.get(&room_path(room_id, "/state")).await?.ok()?;
+    let mut events: Vec<(String, String, String)> = state
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|event| {
+            let text = |key: &str| event[key].as_str().unwrap_or_default().to_owned();
+            (text("type"), text("state_key"), text("event_id"))
+        })
+        .collect();
+    events.sort();
+    Ok(events)
+}
+
+/// The one check that needs to control a server process: the first server (Hearth) restarts
+/// while a user of the second keeps sending into a room of the first. Afterwards both servers
+/// must hold the same messages, each sender's in order, and the same room state: what the
+/// second server could not deliver during the restart arrives through its retries and
+/// through the first server fetching the missing events (`get_missing_events`).
+pub(crate) async fn restart_while_the_other_side_sends(
+    pair: &Pair,
+    restart: impl std::future::Future<Output = Result<()>>,
+    expected_failures: &BTreeMap<String, String>,
+    timeout: Duration,
+) -> TestResult {
+    let started = Instant::now();
+    let check = async {
+        let (owner, guest, room_id) = joined_room(&pair.sides(true)).await?;
+        owner.send_text(&room_id, "before the restart").await?;
+        wait_body(&guest, &room_id, "before the restart").await?;
+        const COUNT: usize = 20;
+        let sending = async {
+            for n in 0..COUNT {
+                guest.send_text(&room_id, &format!("during {n}")).await?;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        let (sent, restarted) = tokio::join!(sending, restart);
+        sent.context("sending from the other server")?;
+        restarted.context("restarting the first server")?;
+        // A new event from the restarted server tells the other one it is back.
+        owner.send_text(&room_id, "after the restart").await?;
+        guest.send_text(&room_id, "after the restart, away").await?;
+        let mut expected: Vec<String> = vec!["before the restart".to_owned()];
+        expected.extend((0..COUNT).map(|n| format!("during {n}")));
+        for viewer in [&owner, &guest] {
+            let seen = eventually(&format!("every message seen by {}", viewer.user_id), || async {
+                let seen = bodies(viewer, &room_id).await?;
+                let complete = expected.iter().all(|body| seen.contains(body))
+                    && seen.iter().any(|body| body == "after the restart")
+                    && seen.iter().any(|body| body == "after the restart, away");
+                Ok(complete.then_some(seen))
+            })
+            .await?;
+            let during: Vec<&String> =
+                seen.iter().filter(|body| body.starts_with("during ")).collect();
+            let in_order: Vec<&String> = expected.iter().skip(1).collect();
+            ensure!(during == in_order, "{} sees them as {during:?}", viewer.user_id);
+        }
+        // Both servers end with the same room state.
+        let owner_state = state_events(&owner, &room_id).await?;
+        let guest_state = state_events(&guest, &room_id).await?;
+        ensure!(
+            owner_state == guest_state,
+            "the room state differs: {owner_state:?} against {guest_state:?}"
+        );
+        Ok(())
+    };
+    let outcome = match tokio::time::timeout(timeout * 2, check).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(error)) => Err(format!("{error:#}")),
+        Err(_) => Err(format!("timed out after {} s", (timeout * 2).as_secs())),
+    };
+    let finished = Finished {
+        name: "federation::restart_while_the_other_side_sends".to_owned(),
+        area: "federation".to_owned(),
+        spec: format!("{SPEC}#transactions"),
+        deviation: None,
+        duration_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+    };
+    record(finished, outcome, expected_failures)
+}

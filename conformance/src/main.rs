@@ -204,8 +204,19 @@ async fn run_federation(args: FederationArgs) -> Result<bool> {
     );
     let started = Instant::now();
     let no_known_gaps = Default::default();
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let mut first = first;
+    let checks = async {
+        let mut results = federation::run(&pair, &no_known_gaps, timeout).await;
+        let restart = first.launched.restart();
+        results.push(
+            federation::restart_while_the_other_side_sends(&pair, restart, &no_known_gaps, timeout)
+                .await,
+        );
+        results
+    };
     let outcome = tokio::select! {
-        results = federation::run(&pair, &no_known_gaps, Duration::from_secs(args.timeout_secs)) => Ok(results),
+        results = checks => Ok(results),
         _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
     };
     first.launched.stop().await;
