@@ -1,7 +1,7 @@
 //! Two real Hearth servers on 127.0.0.2 and 127.0.0.3 (TLS, a test CA, names with explicit
 //! ports) federating through the client API only: users join rooms of the other server both
-//! ways, exchange 100 messages each way in order, see each other type and read, invite, kick,
-//! ban and leave across servers.
+//! ways, exchange 100 messages each way in order, see each other type, read and change
+//! presence, invite, kick, ban and leave across servers.
 //!
 //! [Joining rooms](https://spec.matrix.org/v1.16/server-server-api/#joining-rooms),
 //! [transactions](https://spec.matrix.org/v1.16/server-server-api/#transactions),
@@ -189,6 +189,29 @@ async fn two_hearths_join_talk_and_moderate_across_servers() {
                 .any(|event| event["content"][&last]["m.read"].get(&from.user_id).is_some())
         })
         .await;
+        // Presence: the other side's users see it in `presence` and through the presence API.
+        let status_msg = format!("busy on {}", from.user_id);
+        let (status, answer) = from
+            .client
+            .put(
+                &format!("/_matrix/client/v3/presence/{}/status", enc(&from.user_id)),
+                json!({"presence": "unavailable", "status_msg": status_msg}),
+            )
+            .await;
+        assert_eq!(status, 200, "presence: {answer}");
+        to.sync_until(None, |sync| {
+            sync["presence"]["events"].as_array().into_iter().flatten().any(|event| {
+                event["sender"] == from.user_id.as_str()
+                    && event["content"]["presence"] == "unavailable"
+                    && event["content"]["status_msg"] == status_msg.as_str()
+            })
+        })
+        .await;
+        let path = format!("/_matrix/client/v3/presence/{}/status", enc(&from.user_id));
+        let (status, answer) = to.client.get(&path).await;
+        assert_eq!(status, 200, "presence of a remote user: {answer}");
+        assert_eq!(answer["presence"], "unavailable", "{answer}");
+        assert_eq!(answer["status_msg"], status_msg.as_str(), "{answer}");
     }
 
     // The other way: alice on A joins bob's room on B.
