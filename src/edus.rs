@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use ruma::{EventId, OwnedEventId, OwnedServerName, OwnedUserId, RoomId, ServerName, UserId};
+use ruma::{EventId, OwnedEventId, OwnedUserId, RoomId, ServerName, UserId};
 use serde_json::{Value, json};
 
 use crate::{ephemeral::Ephemeral, rooms::Rooms};
@@ -71,7 +71,7 @@ pub fn send_presence(
     presence: &str,
     status_msg: Option<&str>,
 ) -> Result<(), EduError> {
-    let servers = servers_sharing_a_room(rooms, user_id)?;
+    let servers = rooms.servers_sharing_a_room(user_id)?;
     let mut update = json!({
         "user_id": user_id,
         "presence": presence,
@@ -85,49 +85,28 @@ pub fn send_presence(
     Ok(())
 }
 
-/// The servers that share a room with `user_id`: where news about the user goes.
-fn servers_sharing_a_room(
-    rooms: &Rooms,
-    user_id: &UserId,
-) -> Result<Vec<OwnedServerName>, EduError> {
-    let mut servers: Vec<OwnedServerName> = Vec::new();
-    for room_id in rooms.joined_rooms(user_id)? {
-        for server in rooms.servers_in_room(&room_id)? {
-            if !servers.contains(&server) {
-                servers.push(server);
-            }
-        }
-    }
-    Ok(servers)
-}
-
 /// Tells the servers that share a room with a local user that one of their devices changed
 /// (new keys) or was deleted
 /// ([`m.device_list_update`](https://spec.matrix.org/v1.16/server-server-api/#device-management)).
-/// `prev_id` is left empty: receivers then fetch the whole list (`user/devices`) when they
-/// cannot apply the update on what they have.
+/// The outbox chains the updates about one user through `stream_id` and `prev_id`;
+/// `stream_id_at_least` is the user's key-change position.
 pub fn send_device_list_update(
     rooms: &Rooms,
     user_id: &UserId,
     device_id: &str,
-    stream_id: u64,
+    stream_id_at_least: u64,
     keys: Option<&Value>,
     deleted: bool,
 ) -> Result<(), EduError> {
-    let servers = servers_sharing_a_room(rooms, user_id)?;
-    let mut content = json!({
-        "user_id": user_id,
-        "device_id": device_id,
-        "stream_id": stream_id,
-        "prev_id": [],
-    });
+    let servers = rooms.servers_sharing_a_room(user_id)?;
+    let mut content = json!({"user_id": user_id, "device_id": device_id});
     if deleted {
         content["deleted"] = json!(true);
     }
     if let Some(keys) = keys {
         content["keys"] = keys.clone();
     }
-    rooms.outbox().send_edu(&servers, "m.device_list_update", content)?;
+    rooms.outbox().send_device_list_update(&servers, user_id, stream_id_at_least, content)?;
     Ok(())
 }
 
@@ -142,7 +121,7 @@ pub fn send_signing_key_update(
     if master_key.is_none() && self_signing_key.is_none() {
         return Ok(());
     }
-    let servers = servers_sharing_a_room(rooms, user_id)?;
+    let servers = rooms.servers_sharing_a_room(user_id)?;
     let mut content = json!({"user_id": user_id});
     if let Some(key) = master_key {
         content["master_key"] = key.clone();

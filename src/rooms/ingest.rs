@@ -678,10 +678,13 @@ impl Rooms {
             extremities,
             redaction_applies,
         };
-        let (position, ()) = self.db().write_at_next_position(|position, batch| {
+        let (position, members_changed) = self.db().write_at_next_position(|position, batch| {
             self.persist_remote(batch, room, pdu, position, plan)
         })?;
         tracing::debug!(event_id = %pdu.event_id, position, "remote event persisted");
+        if members_changed {
+            self.room_membership_changed(&pdu.room_id);
+        }
         self.inner.notifier.notify(position);
         Ok(if soft_failed.is_some() { Accepted::SoftFailed } else { Accepted::Persisted })
     }
@@ -765,6 +768,9 @@ impl Rooms {
             Ok(())
         })?;
         tracing::debug!(event_id = %pdu.event_id, position, "remote event persisted");
+        if pdu.kind == TimelineEventType::RoomMember {
+            self.room_membership_changed(&room_id);
+        }
         self.inner.notifier.notify(position);
         Ok(Accepted::Persisted)
     }
@@ -806,7 +812,7 @@ impl Rooms {
         pdu: &Pdu,
         position: u64,
         plan: Plan,
-    ) -> Result<(), storage::Error> {
+    ) -> Result<bool, storage::Error> {
         let db = self.db();
         let room_id = &pdu.room_id;
         let short = db.next_short(batch)?;
@@ -846,7 +852,8 @@ impl Rooms {
             outlier: false,
         };
         let Some(new_current) = plan.new_current else {
-            return self.write_event_rows(batch, pdu, &meta, false, false);
+            self.write_event_rows(batch, pdu, &meta, false, false)?;
+            return Ok(false);
         };
         let current_snapshot = if new_current == plan.state_after {
             state_after
@@ -868,6 +875,7 @@ impl Rooms {
                 changed.push((key, None));
             }
         }
+        let members_changed = changed.iter().any(|((kind, _), _)| kind == "m.room.member");
         for ((kind, state_key), event_id) in changed {
             let event = match event_id {
                 Some(event_id) if *event_id == pdu.event_id => Some(pdu.clone()),
@@ -882,7 +890,7 @@ impl Rooms {
         room.current_snapshot = current_snapshot;
         room.last_position = position;
         batch.put(ROOMS, room_id.as_bytes(), room)?;
-        Ok(())
+        Ok(members_changed)
     }
 
     /// Writes a state map as a snapshot (a delta against `parent` where it can be). `pdu`

@@ -203,6 +203,55 @@ struct Inner {
     room_locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     snapshots: state::SnapshotCache,
     outbox: Outbox,
+    room_servers: RoomServers,
+}
+
+/// The other servers joined to each room, kept so that a new event does not scan the room's
+/// members to find where it goes. An entry is good for the room's membership version it was
+/// read at; the version moves after every write that changes the room's joined members, so
+/// an answer read while such a write was under way is never kept past it.
+#[derive(Default)]
+struct RoomServers {
+    rooms: Mutex<HashMap<OwnedRoomId, RoomServersEntry>>,
+}
+
+#[derive(Default)]
+struct RoomServersEntry {
+    version: u64,
+    servers: Option<(u64, Arc<[OwnedServerName]>)>,
+}
+
+impl RoomServers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OwnedRoomId, RoomServersEntry>> {
+        self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The kept servers if they are current, else the version a fresh read belongs to.
+    fn get(&self, room_id: &RoomId) -> Result<Arc<[OwnedServerName]>, u64> {
+        let rooms = self.lock();
+        let Some(entry) = rooms.get(room_id) else { return Err(0) };
+        match &entry.servers {
+            Some((version, servers)) if *version == entry.version => Ok(servers.clone()),
+            _ => Err(entry.version),
+        }
+    }
+
+    /// Keeps `servers`, read at `version`, unless the membership moved meanwhile.
+    fn put(&self, room_id: &RoomId, version: u64, servers: Arc<[OwnedServerName]>) {
+        let mut rooms = self.lock();
+        let entry = rooms.entry(room_id.to_owned()).or_default();
+        if entry.version == version {
+            entry.servers = Some((version, servers));
+        }
+    }
+
+    /// Called after a write that changed the room's joined members has been committed.
+    fn membership_changed(&self, room_id: &RoomId) {
+        let mut rooms = self.lock();
+        let entry = rooms.entry(room_id.to_owned()).or_default();
+        entry.version = entry.version.wrapping_add(1);
+        entry.servers = None;
+    }
 }
 
 /// The largest PDU, in bytes of canonical JSON ([size limits](https://spec.matrix.org/v1.16/client-server-api/#size-limits)).
@@ -245,6 +294,7 @@ impl Rooms {
                 room_locks: Mutex::new(HashMap::new()),
                 snapshots: state::SnapshotCache::default(),
                 outbox,
+                room_servers: RoomServers::default(),
             }),
         }
     }
@@ -437,6 +487,10 @@ impl Rooms {
 
     /// The other servers with a user joined to the room: where its new events go.
     pub fn servers_in_room(&self, room_id: &RoomId) -> Result<Vec<OwnedServerName>, RoomError> {
+        let version = match self.inner.room_servers.get(room_id) {
+            Ok(servers) => return Ok(servers.to_vec()),
+            Err(version) => version,
+        };
         let mut servers: Vec<OwnedServerName> = Vec::new();
         for user_id in self.joined_members(room_id)? {
             let server = user_id.server_name();
@@ -444,7 +498,30 @@ impl Rooms {
                 servers.push(server.to_owned());
             }
         }
+        self.inner.room_servers.put(room_id, version, servers.clone().into());
         Ok(servers)
+    }
+
+    /// The other servers that share at least one room with `user_id`: where news about the
+    /// user (presence, device lists) goes.
+    pub fn servers_sharing_a_room(
+        &self,
+        user_id: &UserId,
+    ) -> Result<Vec<OwnedServerName>, RoomError> {
+        let mut servers: Vec<OwnedServerName> = Vec::new();
+        for room_id in self.joined_rooms(user_id)? {
+            for server in self.servers_in_room(&room_id)? {
+                if !servers.contains(&server) {
+                    servers.push(server);
+                }
+            }
+        }
+        Ok(servers)
+    }
+
+    /// Forgets the kept servers of a room after a committed write changed its joined members.
+    pub(crate) fn room_membership_changed(&self, room_id: &RoomId) {
+        self.inner.room_servers.membership_changed(room_id);
     }
 
     /// Whether a user of this server is joined to the room: then our copy of it is current
@@ -697,6 +774,9 @@ impl Rooms {
             Ok(())
         })?;
         tracing::debug!(event_id = %pdu.event_id, position, "event persisted");
+        if pdu.kind == TimelineEventType::RoomMember {
+            self.room_membership_changed(&pdu.room_id);
+        }
         self.inner.notifier.notify(position);
         self.inner.outbox.wake(&destinations);
         Ok(Appended { event_id: pdu.event_id, position })
