@@ -184,8 +184,10 @@ impl RemoteMembership for OverFederation {
         event: CanonicalJsonObject,
     ) -> BoxFuture<'a, Result<Value, MembershipRemoteError>> {
         Box::pin(async move {
+            // `send_knock` has only a v1; joins and leaves use v2.
+            let api = if membership == "knock" { "v1" } else { "v2" };
             let path = format!(
-                "/_matrix/federation/v2/send_{membership}/{}/{}",
+                "/_matrix/federation/{api}/send_{membership}/{}/{}",
                 segment(room_id.as_str()),
                 segment(event_id.as_str())
             );

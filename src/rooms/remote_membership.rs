@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, MilliSecondsSinceUnixEpoch, OwnedEventId,
-    OwnedServerName, RoomId, RoomVersionId, UserId, events::TimelineEventType,
+    OwnedServerName, RoomId, RoomVersionId, UserId,
 };
 use serde_json::{Value, json};
 use tracing::instrument;
@@ -66,10 +66,22 @@ impl Rooms {
     ) -> Result<Vec<OwnedServerName>, RoomError> {
         let mut servers: Vec<OwnedServerName> = given.to_vec();
         if let Some(record) = self.membership(room_id, user_id)?
-            && record.membership == "invite"
-            && let Some(invite) = self.pdu(&record.event_id)?
+            && matches!(record.membership.as_str(), "invite" | "knock")
         {
-            servers.push(invite.sender.server_name().to_owned());
+            if record.membership == "invite"
+                && let Some(invite) = self.pdu(&record.event_id)?
+            {
+                servers.push(invite.sender.server_name().to_owned());
+            }
+            // The servers whose users sent the stripped state are in the room.
+            let stripped = record.invite_state.as_deref().unwrap_or_default();
+            servers.extend(
+                stripped
+                    .iter()
+                    .filter_map(|event| event.get("sender").and_then(Value::as_str))
+                    .filter_map(|sender| UserId::parse(sender).ok())
+                    .map(|sender| sender.server_name().to_owned()),
+            );
         }
         servers.extend(self.servers_in_room(room_id)?);
         if let Some(server) = room_id.server_name() {
@@ -364,6 +376,7 @@ impl Rooms {
             Ok(())
         })?;
         tracing::info!(event_id = %join_id, position, "joined a room over federation");
+        self.room_membership_changed(room_id);
         self.inner.notifier.notify(position);
         Ok(join_id)
     }
@@ -419,15 +432,7 @@ impl Rooms {
         sender: &UserId,
     ) -> Result<Vec<Value>, RoomError> {
         let mut events = Vec::new();
-        for kind in [
-            "m.room.create",
-            "m.room.join_rules",
-            "m.room.name",
-            "m.room.avatar",
-            "m.room.canonical_alias",
-            "m.room.encryption",
-            "m.room.topic",
-        ] {
+        for kind in peers::STRIPPED_STATE_TYPES {
             if let Some(pdu) = self.current_state_pdu(room_id, kind, "")? {
                 events.push(pdu.to_stripped());
             }
@@ -472,7 +477,7 @@ impl Rooms {
                 Ok::<_, RoomError>(Pdu::from_json(event_id, leave)?)
             };
             match attempt.await {
-                Ok(leave) => return self.record_remote_leave(room_id, user_id, &leave),
+                Ok(leave) => return self.record_remote_membership(room_id, user_id, &leave, None),
                 Err(error) => {
                     tracing::info!(%server, %error, "leave through this server failed");
                     last_error = error;
@@ -482,29 +487,95 @@ impl Rooms {
         Err(last_error)
     }
 
-    /// Records that a user left a room this server is not in (a rejected invite): the leave
-    /// is kept as an outlier and the membership shows in the user's `/sync` as `leave`.
-    fn record_remote_leave(
+    /// Knocks on a room this server is not in, through one of `servers`: `make_knock`, sign,
+    /// `send_knock`. The knock shows in the user's `/sync` with the stripped state the room's
+    /// server answered with
+    /// ([knocking](https://spec.matrix.org/v1.16/server-server-api/#knocking-upon-a-room)).
+    #[instrument(skip_all, fields(room_id = %room_id, user_id = %user_id))]
+    pub async fn knock_remote(
         &self,
         room_id: &RoomId,
         user_id: &UserId,
-        leave: &Pdu,
-    ) -> Result<(), RoomError> {
-        if leave.kind != TimelineEventType::RoomMember {
-            return Err(RoomError::BadEvent("not a member event".into()));
+        servers: &[OwnedServerName],
+        content: Value,
+        remote: &Remote,
+    ) -> Result<OwnedEventId, RoomError> {
+        let mut last_error = RoomError::Remote("No server to knock through".into());
+        let versions = supported_room_versions();
+        for server in servers.iter().filter(|server| *server != self.server_name()) {
+            let attempt = async {
+                let (version, template) = remote
+                    .membership
+                    .make_membership(server, room_id, user_id, "knock", &versions)
+                    .await
+                    .map_err(remote_error)?;
+                let (event_id, knock) = self.sign_membership_template(
+                    template,
+                    &version,
+                    room_id,
+                    user_id,
+                    "knock",
+                    content.clone(),
+                )?;
+                let answer = remote
+                    .membership
+                    .send_membership(server, room_id, &event_id, "knock", knock.clone())
+                    .await
+                    .map_err(remote_error)?;
+                let stripped: Vec<Value> = answer
+                    .get("knock_room_state")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                    .filter(|event| event.is_object())
+                    .take(peers::INVITE_STATE_MAX)
+                    .cloned()
+                    .collect();
+                Ok::<_, RoomError>((Pdu::from_json(event_id, knock)?, stripped))
+            };
+            match attempt.await {
+                Ok((knock, stripped)) => {
+                    self.record_remote_membership(room_id, user_id, &knock, Some(stripped))?;
+                    return Ok(knock.event_id);
+                }
+                Err(error) => {
+                    tracing::info!(%server, %error, "knock through this server failed");
+                    let refused = matches!(error, RoomError::Forbidden(_));
+                    last_error = error;
+                    if refused {
+                        break;
+                    }
+                }
+            }
         }
+        Err(last_error)
+    }
+
+    /// Records a user's membership in a room this server is not in (a rejected invite, a
+    /// knock): the member event is kept as an outlier and the membership shows in the user's
+    /// `/sync`, with the room's stripped state where there is one.
+    fn record_remote_membership(
+        &self,
+        room_id: &RoomId,
+        user_id: &UserId,
+        event: &Pdu,
+        stripped_state: Option<Vec<Value>>,
+    ) -> Result<(), RoomError> {
+        let Some(membership) = event.membership() else {
+            return Err(RoomError::BadEvent("not a member event".into()));
+        };
         let key = storage::keys::join(&[user_id.as_bytes(), room_id.as_bytes()]);
         let (position, ()) = self.db().write_at_next_position(|position, batch| {
-            if !self.db().contains(super::PDUS, leave.event_id.as_bytes())? {
+            if !self.db().contains(super::PDUS, event.event_id.as_bytes())? {
                 let short = self.db().next_short(batch)?;
-                self.write_pdu_rows(batch, leave, short)?;
+                self.write_pdu_rows(batch, event, short)?;
             }
             let record = MembershipRecord {
-                membership: "leave".to_owned(),
-                event_id: leave.event_id.clone(),
+                membership: membership.clone(),
+                event_id: event.event_id.clone(),
                 position,
                 forgotten: false,
-                invite_state: None,
+                invite_state: stripped_state.clone(),
             };
             batch.put(USER_ROOMS, &key, &record)
         })?;

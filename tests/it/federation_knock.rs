@@ -1,7 +1,8 @@
 //! Knocking: a user of B knocks on A's room over signed HTTP (`make_knock` + `send_knock`,
 //! two real servers on 127.0.0.2 and 127.0.0.3 with TLS), A's admin sees the knock in `/sync`
-//! and invites the knocker; the spec's refusals; and a local user knocking through the
-//! client API (`POST /knock/{roomIdOrAlias}`).
+//! and invites the knocker; the spec's refusals; a local user knocking through the
+//! client API (`POST /knock/{roomIdOrAlias}`); and a user of B knocking on A's room through
+//! B's client API, which sends the `make_knock`/`send_knock` itself.
 //!
 //! [Knocking upon a room](https://spec.matrix.org/v1.16/server-server-api/#knocking-upon-a-room),
 //! [knocking on rooms](https://spec.matrix.org/v1.16/client-server-api/#knocking-on-rooms)
@@ -267,4 +268,69 @@ async fn a_local_user_knocks_through_the_client_api() {
         "M_NOT_FOUND",
     );
     server.stop().await;
+}
+
+#[tokio::test]
+async fn a_user_knocks_through_their_own_server_then_is_let_in() {
+    let pki = Pki::new();
+    let a = start_on(&pki, "127.0.0.2").await;
+    let b = start_on(&pki, "127.0.0.3").await;
+    let alice = a.register("alice").await;
+    let bob = b.register("bob").await;
+    let dave = b.register("dave").await;
+    let room_id = room_with_join_rule(&alice, "11", "knock").await;
+    let since = alice.sync(None, 0).await["next_batch"].as_str().unwrap().to_owned();
+    let knock = |target: &str| {
+        format!("/_matrix/client/v3/knock/{}?via={}", enc(target), enc(&a.server_name))
+    };
+
+    // B is not in the room: the knock goes through A.
+    let answer = bob.client.post(&knock(&room_id), json!({"reason": "hello from B"})).await;
+    assert_eq!(assert_ok(answer)["room_id"], room_id.as_str());
+    let sync = bob.sync_until(None, |sync| sync["rooms"]["knock"][&room_id].is_object()).await;
+    let events = sync["rooms"]["knock"][&room_id]["knock_state"]["events"].as_array().unwrap();
+    let kinds: Vec<&str> = events.iter().filter_map(|event| event["type"].as_str()).collect();
+    assert!(kinds.contains(&"m.room.create") && kinds.contains(&"m.room.name"), "{sync}");
+    let name = events.iter().find(|event| event["type"] == "m.room.name").unwrap();
+    assert_eq!(name["content"]["name"], "Knock here");
+
+    // A knock can be taken back while B is still not in the room: `make_leave`/`send_leave`
+    // through A, found from the knock's stripped state.
+    assert_ok(dave.client.post(&knock(&room_id), json!({})).await);
+    let knocked = dave.sync_until(None, |sync| sync["rooms"]["knock"][&room_id].is_object()).await;
+    assert_ok(dave.room_post(&room_id, "leave", json!({})).await);
+    let since_knock = knocked["next_batch"].as_str().map(str::to_owned);
+    dave.sync_until(since_knock, |sync| sync["rooms"]["leave"][&room_id].is_object()).await;
+    alice
+        .sync_until(Some(since.clone()), |sync| {
+            crate::harness::timeline(sync, &room_id).iter().any(|event| {
+                event["state_key"] == dave.user_id.as_str()
+                    && event["content"]["membership"] == "leave"
+            })
+        })
+        .await;
+
+    // A's admin sees the knock with its reason and lets bob in; bob joins.
+    alice
+        .sync_until(Some(since.clone()), |sync| {
+            crate::harness::timeline(sync, &room_id).iter().any(|event| {
+                event["state_key"] == bob.user_id.as_str()
+                    && event["content"]["membership"] == "knock"
+                    && event["content"]["reason"] == "hello from B"
+            })
+        })
+        .await;
+    alice.invite(&room_id, &bob.user_id).await;
+    bob.sync_until(None, |sync| sync["rooms"]["invite"][&room_id].is_object()).await;
+    bob.join(&room_id).await;
+    let member =
+        assert_ok(alice.client.get(&state_path(&room_id, "m.room.member", &bob.user_id)).await);
+    assert_eq!(member["membership"], "join");
+
+    // A room that takes no knocks: A's refusal reaches the client as 403.
+    let public_room = room_with_join_rule(&alice, "11", "public").await;
+    assert_error(&dave.client.post(&knock(&public_room), json!({})).await, 403, "M_FORBIDDEN");
+
+    b.stop().await;
+    a.stop().await;
 }

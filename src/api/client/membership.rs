@@ -45,6 +45,28 @@ fn profile(state: &AppState, auth: &Auth) -> Result<(Option<String>, Option<Stri
     Ok((account.displayname, account.avatar_url))
 }
 
+/// The content of the user's own member event sent through another server: the membership,
+/// their profile and the reason.
+fn member_content(
+    state: &AppState,
+    auth: &Auth,
+    membership: &str,
+    reason: Option<String>,
+) -> Result<serde_json::Value, ApiError> {
+    let (displayname, avatar_url) = profile(state, auth)?;
+    let mut content = json!({"membership": membership});
+    if let Some(name) = displayname {
+        content["displayname"] = json!(name);
+    }
+    if let Some(url) = avatar_url {
+        content["avatar_url"] = json!(url);
+    }
+    if let Some(reason) = reason {
+        content["reason"] = json!(reason);
+    }
+    Ok(content)
+}
+
 async fn join_room(
     state: &AppState,
     auth: &Auth,
@@ -55,17 +77,7 @@ async fn join_room(
     if state.rooms.join_needs_remote(room_id)? {
         // Only a server in the room can build our join on its current state.
         let servers = state.rooms.candidate_servers(room_id, &auth.user_id, via)?;
-        let (displayname, avatar_url) = profile(state, auth)?;
-        let mut content = json!({"membership": "join"});
-        if let Some(name) = displayname {
-            content["displayname"] = json!(name);
-        }
-        if let Some(url) = avatar_url {
-            content["avatar_url"] = json!(url);
-        }
-        if let Some(reason) = reason {
-            content["reason"] = json!(reason);
-        }
+        let content = member_content(state, auth, "join", reason)?;
         state.rooms.join_remote(room_id, &auth.user_id, &servers, content, &state.remote).await?;
         return Ok(Json(json!({"room_id": room_id})));
     }
@@ -126,17 +138,23 @@ async fn room_id_or_alias(
     }
 }
 
-/// `POST /_matrix/client/v3/knock/{roomIdOrAlias}`: knocks on a room of this server.
+/// `POST /_matrix/client/v3/knock/{roomIdOrAlias}`: knocks on a room, through the servers in
+/// it (`via`, `server_name`, the alias's servers) when no user of this server is joined.
 async fn knock(
     State(state): State<AppState>,
     auth: Auth,
     path: PathIds,
+    RawQuery(query): RawQuery,
     Body(body): Body<ReasonBody>,
 ) -> ApiResult {
-    let (room_id, _) = room_id_or_alias(&state, &path).await?;
-    if state.rooms.room(&room_id)?.is_none() {
-        // Knocking through another server needs `make_knock`/`send_knock` sent from here.
-        return Err(ApiError::not_found("This server is not in the room"));
+    let mut via = via_servers(query.as_deref());
+    let (room_id, servers) = room_id_or_alias(&state, &path).await?;
+    via.extend(servers);
+    if state.rooms.join_needs_remote(&room_id)? {
+        let servers = state.rooms.candidate_servers(&room_id, &auth.user_id, &via)?;
+        let content = member_content(&state, &auth, "knock", body.reason)?;
+        state.rooms.knock_remote(&room_id, &auth.user_id, &servers, content, &state.remote).await?;
+        return Ok(Json(json!({"room_id": room_id})));
     }
     state.rooms.knock(&room_id, &auth.user_id, profile(&state, &auth)?, body.reason).await?;
     Ok(Json(json!({"room_id": room_id})))
