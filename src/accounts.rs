@@ -9,7 +9,7 @@ use argon2::{
     password_hash::{SaltString, rand_core::OsRng},
 };
 use rand::{Rng, distributions::Alphanumeric};
-use ruma::{OwnedDeviceId, OwnedServerName, OwnedUserId, UserId};
+use ruma::{DeviceId, OwnedDeviceId, OwnedServerName, OwnedUserId, UserId};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use storage::{Db, keys};
@@ -362,6 +362,27 @@ impl Accounts {
         )?;
         self.db.write(batch)?;
         Ok((device_id, token))
+    }
+
+    /// Registers a device that no one logs in with (a dehydrated device): it has keys and
+    /// receives to-device messages, but no access token reaches it.
+    pub fn create_device_without_login(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        display_name: Option<String>,
+    ) -> Result<(), AccountError> {
+        let key = keys::join(&[user_id.as_bytes(), device_id.as_bytes()]);
+        let device = Device {
+            device_id: device_id.to_owned(),
+            display_name,
+            token_hash: String::new(),
+            last_seen_ts: None,
+        };
+        let mut batch = self.db.batch();
+        batch.put(DEVICES, &key, &device)?;
+        self.db.write(batch)?;
+        Ok(())
     }
 
     /// Who a token belongs to, if anyone (deactivated users have no valid tokens).

@@ -52,6 +52,24 @@ const REMOTE_TO_DEVICE_MESSAGES: &str = "server_message_to_to_device_message";
 /// user -> the stream position of the user's last key change (8 bytes, big-endian): the
 /// `stream_id` of the user's device list over federation.
 const LAST_KEY_CHANGE: &str = "user_to_last_key_change";
+/// user -> the user's dehydrated device ([`DehydratedDevice`], MSC3814).
+const DEHYDRATED_DEVICES: &str = "user_id_to_dehydrated_device";
+/// At most this many to-device messages go into one page of a dehydrated device's events.
+pub const DEHYDRATED_EVENTS_PER_PAGE_MAX: usize = 100;
+/// Where a to-device message sits in a device's inbox: (stream position, index).
+pub type InboxPlace = (u64, u64);
+
+/// A user's dehydrated device
+/// ([MSC3814](https://github.com/matrix-org/matrix-spec-proposals/pull/3814)): a device with
+/// keys and a to-device inbox but no login, whose private keys the client stores encrypted
+/// in `device_data`, so that a later login can read the room keys sent to it meanwhile.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DehydratedDevice {
+    /// The device id (the device's Curve25519 identity key, by the MSC's rule).
+    pub device_id: OwnedDeviceId,
+    /// The client's encrypted device, opaque to the server.
+    pub device_data: Value,
+}
 
 /// Why an E2EE operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -854,6 +872,75 @@ impl E2ee {
         drop(_guard);
         self.notifier.notify(position);
         Ok(true)
+    }
+
+    /// The user's dehydrated device, if one is set.
+    pub fn dehydrated_device(
+        &self,
+        user_id: &UserId,
+    ) -> Result<Option<DehydratedDevice>, E2eeError> {
+        Ok(self.db.get(DEHYDRATED_DEVICES, user_id.as_bytes())?)
+    }
+
+    /// Makes `device` the user's dehydrated device (replacing the record of any earlier one;
+    /// the caller deletes that device).
+    pub fn set_dehydrated_device(
+        &self,
+        user_id: &UserId,
+        device: &DehydratedDevice,
+    ) -> Result<(), E2eeError> {
+        let mut batch = self.db.batch();
+        batch.put(DEHYDRATED_DEVICES, user_id.as_bytes(), device)?;
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Forgets the user's dehydrated device record.
+    pub fn remove_dehydrated_device(&self, user_id: &UserId) -> Result<(), E2eeError> {
+        let mut batch = self.db.batch();
+        batch.delete(DEHYDRATED_DEVICES, user_id.as_bytes())?;
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// One page of a device's to-device messages after `after` (the `(position, index)` of
+    /// the last message of the previous page), oldest first, at most
+    /// [`DEHYDRATED_EVENTS_PER_PAGE_MAX`]; and where the page ended (`after` again when it is
+    /// empty). Nothing is deleted: a rehydration that is cut short can start over.
+    pub fn to_device_page(
+        &self,
+        user_id: &UserId,
+        device_id: &DeviceId,
+        after: Option<InboxPlace>,
+    ) -> Result<(Vec<Value>, Option<InboxPlace>), E2eeError> {
+        let prefix = keys::prefix(&[user_id.as_bytes(), device_id.as_bytes()]);
+        let mut events = Vec::new();
+        let mut last = after;
+        self.db.for_each_prefix(TO_DEVICE, &prefix, |key, value| {
+            let suffix = &key[prefix.len()..];
+            let (Some(position), Some(index)) = (
+                suffix.get(..8).and_then(keys::decode_u64),
+                suffix.get(8..16).and_then(keys::decode_u64),
+            ) else {
+                return true;
+            };
+            if after.is_some_and(|after| (position, index) <= after) {
+                return true;
+            }
+            if events.len() == DEHYDRATED_EVENTS_PER_PAGE_MAX {
+                return false;
+            }
+            if let Ok(message) = serde_json::from_slice::<ToDeviceMessage>(value) {
+                events.push(serde_json::json!({
+                    "sender": message.sender,
+                    "type": message.kind,
+                    "content": message.content,
+                }));
+            }
+            last = Some((position, index));
+            true
+        })?;
+        Ok((events, last))
     }
 
     /// The device's to-device messages for a sync, at most [`TO_DEVICE_PER_SYNC_MAX`], in order,

@@ -65,6 +65,7 @@ pub const TABLES: &[&str] = &[
     "position_user_to_key_change",
     "destination_id_to_outbound",
     "user_id_to_device_list_edu",
+    "user_id_to_dehydrated_device",
     "user_device_position_to_to_device",
     "user_device_txn_to_to_device_txn",
     "user_device_batch_to_to_device_cursor",

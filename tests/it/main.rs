@@ -13,6 +13,7 @@ mod bad_input;
 mod basics;
 mod client_e2ee;
 mod client_sdk;
+mod dehydrated_device;
 mod discovery;
 mod e2ee;
 mod federation_directory;

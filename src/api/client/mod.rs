@@ -2,6 +2,7 @@
 
 pub mod account;
 pub mod account_data;
+pub mod dehydrated_device;
 pub mod device;
 pub mod directory;
 pub mod discovery;
@@ -43,5 +44,6 @@ pub fn routes() -> Router<AppState> {
         .merge(keys::routes())
         .merge(key_backup::routes())
         .merge(to_device::routes())
+        .merge(dehydrated_device::routes())
         .merge(openid::routes())
 }
