@@ -558,6 +558,19 @@ async fn peer_join(
         }))
         .await
         .context("creating the room")?;
+    Ok(join_as(peer, target, &room_id, localpart).await?.0)
+}
+
+/// Joins the peer's user `localpart` to a public room of the server under test
+/// (`make_join`, sign, `send_join` v2); also returns how many state events the answer held.
+async fn join_as(
+    peer: &Peer,
+    target: &FederationTarget<'_>,
+    room_id: &str,
+    localpart: &str,
+) -> Result<(PeerRoom, usize)> {
+    let room_id = room_id.to_owned();
+    let sender = peer.user_id(localpart);
     let path =
         format!("/_matrix/federation/v1/make_join/{}/{}?ver=11", enc(&room_id), enc(&sender));
     let (status, answer) = peer
@@ -578,7 +591,8 @@ async fn peer_join(
         .await?;
     ensure!(status == 200, "send_join: {status} {}", crate::client::short(&answer));
     let (mut create_id, mut power_levels_id) = (None, None);
-    for pdu in answer["state"].as_array().context("send_join: no state")? {
+    let state = answer["state"].as_array().context("send_join: no state")?;
+    for pdu in state {
         let id = peer::event_id_of(&peer::object(pdu.clone())?, &room_version)?;
         match pdu["type"].as_str() {
             Some("m.room.create") => create_id = Some(id),
@@ -586,7 +600,7 @@ async fn peer_join(
             _ => {}
         }
     }
-    Ok(PeerRoom {
+    let room = PeerRoom {
         room_id,
         room_version,
         sender,
@@ -595,7 +609,8 @@ async fn peer_join(
         prev_id: member_id.clone(),
         member_id,
         depth,
-    })
+    };
+    Ok((room, state.len()))
 }
 
 /// What sending PDUs in transactions gave: accepted, failed, and the first error seen.
@@ -686,6 +701,17 @@ pub async fn s5_federation_ingest(
     })
     .await
     .context("sending the messages")?;
+    // The other half: another user of the peer joins the room now that it is large; the
+    // server has to hand out its whole state and auth chain.
+    let started = Instant::now();
+    let (_, state_in_answer) = join_as(peer, target, &room.room_id, "s5joiner")
+        .await
+        .context("joining the large room")?;
+    let join_time = started.elapsed();
+    ensure!(
+        state_in_answer > sizes.s5_state,
+        "the join's answer held {state_in_answer} state events, fewer than the room has"
+    );
     for (what, sent) in [("state event", &state), ("message", &messages)] {
         if let Some(error) = &sent.first_error {
             println!("    S5: {} {what}s failed, the first: {error}", sent.failed);
@@ -707,6 +733,15 @@ pub async fn s5_federation_ingest(
             ),
             rate(&messages),
             Better::Higher,
+        ),
+        Figure::new(
+            "S5",
+            format!(
+                "join of that room (make_join + send_join v2, {} state events): ms",
+                sizes.s5_state
+            ),
+            millis(join_time),
+            Better::Lower,
         ),
         Figure::new(
             "S5",
