@@ -283,10 +283,8 @@ pub async fn start_synapse(peer_ca: Option<&Path>) -> Result<Launched> {
         target.extend(limits);
     }
     if let (Some(target), Some(ca)) = (overrides.as_object_mut(), peer_ca) {
-        // Synapse refuses a certificate whose only name is an IP address for a server name
-        // that is an IP literal (what test peers use), so it does not check peers here;
-        // the CA stays listed for peers with host names. Loopback peers are allowed.
-        target.insert("federation_verify_certificates".to_owned(), json!(false));
+        // Peers' certificates are checked against their CA; loopback peers are allowed.
+        target.insert("federation_verify_certificates".to_owned(), json!(true));
         target.insert("federation_custom_ca_list".to_owned(), json!([ca]));
         target.insert("federation_ip_range_blacklist".to_owned(), json!([]));
         target.insert("ip_range_whitelist".to_owned(), json!(["127.0.0.0/8"]));
@@ -436,6 +434,7 @@ impl TestPki {
         let dir = tempfile::Builder::new().prefix("conformance-pki-").tempdir()?;
         let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.distinguished_name = distinguished_name("Hearth conformance test CA");
         let key = rcgen::KeyPair::generate()?;
         let certificate = params.self_signed(&key)?;
         std::fs::write(dir.path().join("ca.pem"), certificate.pem())?;
@@ -445,14 +444,24 @@ impl TestPki {
     /// A leaf certificate for the IP address `ip` (its only subject alternative name).
     pub fn leaf(&self, ip: &str) -> Result<TlsFiles> {
         let key = rcgen::KeyPair::generate()?;
-        let certificate =
-            rcgen::CertificateParams::new(vec![ip.to_owned()])?.signed_by(&key, &self.issuer)?;
+        let mut params = rcgen::CertificateParams::new(vec![ip.to_owned()])?;
+        // A subject of its own: a leaf named like its issuer looks self-signed to OpenSSL
+        // (Synapse's verifier), which then refuses it.
+        params.distinguished_name = distinguished_name(ip);
+        let certificate = params.signed_by(&key, &self.issuer)?;
         let cert = self.dir.path().join(format!("{ip}.crt"));
         let key_path = self.dir.path().join(format!("{ip}.key"));
         std::fs::write(&cert, certificate.pem())?;
         std::fs::write(&key_path, key.serialize_pem())?;
         Ok(TlsFiles { cert, key: key_path, ca: self.dir.path().join("ca.pem") })
     }
+}
+
+/// A distinguished name with only a common name.
+fn distinguished_name(common_name: &str) -> rcgen::DistinguishedName {
+    let mut name = rcgen::DistinguishedName::new();
+    name.push(rcgen::DnType::CommonName, common_name);
+    name
 }
 
 /// A free TCP port on `ip`.
@@ -557,10 +566,8 @@ pub async fn start_synapse_federating(ip: &str, tls: &TlsFiles) -> Result<Federa
         ],
         "tls_certificate_path": tls.cert,
         "tls_private_key_path": tls.key,
-        // Synapse does not accept a certificate whose only name is an IP address for a server
-        // name that is an IP literal, so it does not check its peers' certificates here; Hearth
-        // checks Synapse's against the test CA.
-        "federation_verify_certificates": false,
+        // Both sides check the other's certificate against the test CA.
+        "federation_verify_certificates": true,
         "federation_custom_ca_list": [tls.ca],
         "federation_ip_range_blacklist": [],
         "ip_range_whitelist": ["127.0.0.0/8"],

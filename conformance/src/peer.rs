@@ -8,10 +8,12 @@
 //! its port, so it is contacted directly
 //! ([resolving server names](https://spec.matrix.org/v1.16/server-server-api/#resolving-server-names)).
 //!
-//! The peer answers one kind of request, `GET /_matrix/key/v2/server`
-//! ([publishing keys](https://spec.matrix.org/v1.16/server-server-api/#publishing-keys)), with
-//! a small HTTP/1.1 responder: nothing else is needed of it while it joins a room and sends
-//! transactions, and anything else gets a 404.
+//! The peer answers, with a small HTTP/1.1 responder, `GET /_matrix/key/v2/server`
+//! ([publishing keys](https://spec.matrix.org/v1.16/server-server-api/#publishing-keys)) and,
+//! for the PDUs it signed, `GET /event/{eventId}` and `POST /get_missing_events/{roomId}`:
+//! a server that queues incoming PDUs and drops some when the queue is long (Synapse does)
+//! fetches them back from the peer, as it would from any real server. Anything else gets a
+//! 404.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -20,7 +22,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context as _, Result, bail};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD_NO_PAD;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use ruma::signatures::Ed25519KeyPair;
 use ruma::{CanonicalJsonObject, CanonicalJsonValue, RoomVersionId};
 use rustls_pki_types::pem::PemObject as _;
@@ -39,10 +40,17 @@ const KEY_VERSION: &str = "bench";
 pub struct Peer {
     server_name: String,
     key_pair: Ed25519KeyPair,
-    dir: tempfile::TempDir,
+    ca_path: PathBuf,
+    /// Holds the CA and certificate files until the peer is gone.
+    _pki: crate::launcher::TestPki,
     http: reqwest::Client,
     key_server: JoinHandle<()>,
+    /// The PDUs the peer signed, by event id, for the servers that fetch them back.
+    events: Events,
 }
+
+/// The peer's own PDUs by event id.
+type Events = Arc<std::sync::Mutex<std::collections::HashMap<String, Value>>>;
 
 impl Drop for Peer {
     fn drop(&mut self) {
@@ -67,16 +75,8 @@ impl Peer {
     /// Makes a CA and a certificate for `127.0.0.1`, a signing key, and starts serving the keys
     /// over TLS on a free port of `127.0.0.1`; the server name is `127.0.0.1:<port>`.
     pub async fn start() -> Result<Self> {
-        let dir = tempfile::Builder::new().prefix("hearth-bench-peer-").tempdir()?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_key = KeyPair::generate()?;
-        let ca = ca_params.self_signed(&ca_key)?;
-        std::fs::write(dir.path().join("ca.pem"), ca.pem())?;
-        let issuer = Issuer::new(ca_params, ca_key);
-        let leaf_key = KeyPair::generate()?;
-        let leaf =
-            CertificateParams::new(vec!["127.0.0.1".to_owned()])?.signed_by(&leaf_key, &issuer)?;
+        let pki = crate::launcher::TestPki::new()?;
+        let leaf = pki.leaf("127.0.0.1")?;
 
         let listener = TcpListener::bind("127.0.0.1:0").await.context("binding the peer")?;
         let address = listener.local_addr()?;
@@ -93,21 +93,23 @@ impl Peer {
             .with_safe_default_protocol_versions()?
             .with_no_client_auth()
             .with_single_cert(
-                vec![CertificateDer::from_pem_slice(leaf.pem().as_bytes())?],
-                PrivateKeyDer::from_pem_slice(leaf_key.serialize_pem().as_bytes())?,
+                vec![CertificateDer::from_pem_file(&leaf.cert)?],
+                PrivateKeyDer::from_pem_file(&leaf.key)?,
             )?;
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let name = server_name.clone();
+        let events = Events::default();
+        let served = events.clone();
         let key_server = tokio::spawn(async move {
             let server_key = Arc::new(server_key);
             loop {
                 let Ok((tcp, _)) = listener.accept().await else { continue };
-                let (acceptor, server_key, name) =
-                    (acceptor.clone(), server_key.clone(), name.clone());
+                let (acceptor, server_key, name, served) =
+                    (acceptor.clone(), server_key.clone(), name.clone(), served.clone());
                 tokio::spawn(async move {
                     // A failed handshake or a broken connection only ends that connection.
-                    let _ = serve_keys(acceptor, tcp, &server_key, &name).await;
+                    let _ = serve(acceptor, tcp, &server_key, &name, &served).await;
                 });
             }
         });
@@ -115,7 +117,7 @@ impl Peer {
             .timeout(Duration::from_secs(300))
             .build()
             .context("building the HTTP client")?;
-        Ok(Self { server_name, key_pair, dir, http, key_server })
+        Ok(Self { server_name, key_pair, ca_path: leaf.ca, _pki: pki, http, key_server, events })
     }
 
     /// The peer's server name, `127.0.0.1:<port>`.
@@ -125,7 +127,7 @@ impl Peer {
 
     /// The PEM file of the CA that signed the peer's certificate.
     pub fn ca_path(&self) -> PathBuf {
-        self.dir.path().join("ca.pem")
+        self.ca_path.clone()
     }
 
     /// A user id on the peer.
@@ -148,7 +150,13 @@ impl Peer {
             &rules.redaction,
         )
         .context("signing a PDU")?;
-        event_id_of(pdu, room_version)
+        let event_id = event_id_of(pdu, room_version)?;
+        let json = serde_json::to_value(&*pdu)?;
+        self.events
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(event_id.clone(), json);
+        Ok(event_id)
     }
 
     /// Sends a request signed with the peer's key
@@ -227,30 +235,68 @@ fn key_response(key_pair: &Ed25519KeyPair, server_name: &str) -> Result<Vec<u8>>
     Ok(serde_json::to_vec(&response)?)
 }
 
-/// Answers the requests of one TLS connection, then closes it.
-async fn serve_keys(
+/// Answers one request of a TLS connection, then closes it.
+async fn serve(
     acceptor: tokio_rustls::TlsAcceptor,
     tcp: tokio::net::TcpStream,
     key_pair: &Ed25519KeyPair,
     server_name: &str,
+    events: &Events,
 ) -> Result<()> {
     let mut stream = tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await??;
-    let mut head = Vec::new();
+    let mut received = Vec::new();
     let mut buffer = [0u8; 4096];
-    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+    let head_end = loop {
+        if let Some(at) = received.windows(4).position(|window| window == b"\r\n\r\n") {
+            break at + 4;
+        }
         let read =
             tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await??;
-        if read == 0 || head.len() > 16_384 {
+        if read == 0 || received.len() > 16_384 {
             return Ok(());
         }
-        head.extend_from_slice(&buffer[..read]);
+        received.extend_from_slice(&buffer[..read]);
+    };
+    let head = String::from_utf8_lossy(&received[..head_end]).into_owned();
+    let content_length = head
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse::<usize>().ok())
+        .unwrap_or(0)
+        .min(1 << 20);
+    while received.len() < head_end + content_length {
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await??;
+        if read == 0 {
+            return Ok(());
+        }
+        received.extend_from_slice(&buffer[..read]);
     }
-    let text = String::from_utf8_lossy(&head);
-    let path = text.split_whitespace().nth(1).unwrap_or_default();
+    let body: Value = serde_json::from_slice(&received[head_end..]).unwrap_or(Value::Null);
+    let path = head.split_whitespace().nth(1).unwrap_or_default();
+    let path = path.split('?').next().unwrap_or_default();
+    let not_found =
+        || ("404 Not Found", br#"{"errcode":"M_NOT_FOUND","error":"not here"}"#.to_vec());
     let (status, body) = if path.starts_with("/_matrix/key/v2/server") {
         ("200 OK", key_response(key_pair, server_name)?)
+    } else if let Some(event_id) = path.strip_prefix("/_matrix/federation/v1/event/") {
+        let event_id = percent_decode(event_id);
+        let pdu =
+            events.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&event_id).cloned();
+        match pdu {
+            Some(pdu) => {
+                let answer =
+                    json!({"origin": server_name, "origin_server_ts": now_ms(), "pdus": [pdu]});
+                ("200 OK", serde_json::to_vec(&answer)?)
+            }
+            None => not_found(),
+        }
+    } else if path.starts_with("/_matrix/federation/v1/get_missing_events/") {
+        let missing = missing_events(events, &body);
+        ("200 OK", serde_json::to_vec(&json!({"events": missing}))?)
     } else {
-        ("404 Not Found", br#"{"errcode":"M_UNRECOGNIZED","error":"not served"}"#.to_vec())
+        not_found()
     };
     let header = format!(
         "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -260,4 +306,70 @@ async fn serve_keys(
     stream.write_all(&body).await?;
     stream.shutdown().await?;
     Ok(())
+}
+
+/// `%XX` escapes of a path segment decoded.
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        if bytes[index] == b'%'
+            && let Some(byte) =
+                segment.get(index + 1..index + 3).and_then(|hex| u8::from_str_radix(hex, 16).ok())
+        {
+            decoded.push(byte);
+            index += 3;
+        } else {
+            decoded.push(bytes[index]);
+            index += 1;
+        }
+    }
+    String::from_utf8_lossy(&decoded).into_owned()
+}
+
+/// The answer to `get_missing_events`: the peer's events before `latest_events` (walking
+/// prev events) and not at or before `earliest_events`, at most `limit` (default 10), oldest
+/// first ([`POST /get_missing_events`](https://spec.matrix.org/v1.16/server-server-api/#post_matrixfederationv1get_missing_eventsroomid)).
+fn missing_events(events: &Events, request: &Value) -> Vec<Value> {
+    let ids = |key: &str| -> Vec<String> {
+        request[key]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_owned)
+            .collect()
+    };
+    let limit = request["limit"].as_u64().unwrap_or(10).min(100) as usize;
+    let earliest = ids("earliest_events");
+    let events = events.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut found: Vec<Value> = Vec::new();
+    let mut frontier: Vec<String> = ids("latest_events");
+    let mut seen: std::collections::HashSet<String> = frontier.iter().cloned().collect();
+    while found.len() < limit {
+        let mut next = Vec::new();
+        for event_id in &frontier {
+            let Some(pdu) = events.get(event_id) else { continue };
+            for prev in
+                pdu["prev_events"].as_array().into_iter().flatten().filter_map(Value::as_str)
+            {
+                if earliest.iter().any(|id| id == prev) || !seen.insert(prev.to_owned()) {
+                    continue;
+                }
+                if let Some(prev_pdu) = events.get(prev) {
+                    if found.len() < limit {
+                        found.push(prev_pdu.clone());
+                    }
+                    next.push(prev.to_owned());
+                }
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        frontier = next;
+    }
+    found.sort_by_key(|pdu| pdu["depth"].as_u64().unwrap_or(0));
+    found
 }
