@@ -45,6 +45,9 @@ enum Commands {
         /// Reports of Synapse runs, merged (shown as "not run" when absent); repeatable.
         #[arg(long)]
         synapse: Vec<PathBuf>,
+        /// Reports of federation section runs (one per pair); repeatable.
+        #[arg(long)]
+        federation: Vec<PathBuf>,
         /// Where to write the page.
         #[arg(long)]
         output: Option<PathBuf>,
@@ -138,7 +141,9 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Some(Commands::Docs { hearth, synapse, output }) => docs(hearth, synapse, output),
+            Some(Commands::Docs { hearth, synapse, federation, output }) => {
+                docs(hearth, synapse, federation, output)
+            }
             Some(Commands::ClientJs(args)) => run(args, Suite::JsSdk).await,
             Some(Commands::ClientRust(args)) => run(args, Suite::RustSdk).await,
             Some(Commands::Federation(args)) => run_federation(args).await,
@@ -155,15 +160,20 @@ fn main() -> ExitCode {
     }
 }
 
-fn docs(hearth: Vec<PathBuf>, synapse: Vec<PathBuf>, output: Option<PathBuf>) -> Result<bool> {
-    let read_all = |paths: Vec<PathBuf>| -> Result<Option<Report>> {
-        let reports = paths.iter().map(|path| Report::read(path)).collect::<Result<Vec<_>>>()?;
-        Ok(Report::merge(reports))
+fn docs(
+    hearth: Vec<PathBuf>,
+    synapse: Vec<PathBuf>,
+    federation: Vec<PathBuf>,
+    output: Option<PathBuf>,
+) -> Result<bool> {
+    let read = |paths: &[PathBuf]| -> Result<Vec<Report>> {
+        paths.iter().map(|path| Report::read(path)).collect::<Result<Vec<_>>>()
     };
-    let (hearth, synapse) = (read_all(hearth)?, read_all(synapse)?);
+    let (hearth, synapse) = (Report::merge(read(&hearth)?), Report::merge(read(&synapse)?));
+    let pairs = read(&federation)?;
     let output =
         output.unwrap_or_else(|| launcher::workspace_root().join("docs").join("conformance.md"));
-    report::write_docs(hearth.as_ref(), synapse.as_ref(), &output)?;
+    report::write_docs(hearth.as_ref(), synapse.as_ref(), &pairs, &output)?;
     println!("wrote {}", output.display());
     Ok(true)
 }

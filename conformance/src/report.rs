@@ -1,4 +1,5 @@
-//! The JSON report of a run and the generator of `docs/conformance.md` from two reports.
+//! The JSON report of a run and the generator of `docs/conformance.md` from the reports of
+//! the runs against each server and of the federation section's pairs.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -158,6 +159,7 @@ fn header(report: Option<&Report>, server: &str) -> String {
 pub(crate) fn write_docs(
     hearth: Option<&Report>,
     synapse: Option<&Report>,
+    pairs: &[Report],
     output: &Path,
 ) -> Result<()> {
     let mut areas: BTreeMap<String, Vec<(String, String, Option<String>)>> = BTreeMap::new();
@@ -260,11 +262,58 @@ pub(crate) fn write_docs(
         writeln!(out)?;
     }
 
+    write_federation(out, pairs)?;
     out.push_str(REPRODUCE);
     if let Some(parent) = output.parent() {
         std::fs::create_dir_all(parent)?;
     }
     std::fs::write(output, text).with_context(|| format!("writing {}", output.display()))
+}
+
+/// The federation section: one column per pair of servers (`hearth+hearth`,
+/// `hearth+synapse`), one row per check.
+fn write_federation(out: &mut String, pairs: &[Report]) -> Result<()> {
+    writeln!(out, "## federation")?;
+    writeln!(out)?;
+    if pairs.is_empty() {
+        writeln!(out, "Not run for this page.")?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    writeln!(
+        out,
+        "Two servers on loopback addresses federate over TLS with a test CA (each checks the other's certificate), driven through their client APIs; each check runs with the room on the first server and on the second. `conformance federation --pair hearth-hearth|hearth-synapse` runs it."
+    )?;
+    writeln!(out)?;
+    for pair in pairs {
+        writeln!(out, "{}", header(Some(pair), &pair.server))?;
+    }
+    writeln!(out)?;
+    let mut tests: Vec<(String, String)> = Vec::new();
+    for pair in pairs {
+        for test in &pair.tests {
+            if !tests.iter().any(|(name, _)| *name == test.name) {
+                tests.push((test.name.clone(), test.spec.clone()));
+            }
+        }
+    }
+    tests.sort();
+    write!(out, "| Check |")?;
+    for pair in pairs {
+        write!(out, " {} |", pair.server)?;
+    }
+    writeln!(out)?;
+    writeln!(out, "|---|{}", "---|".repeat(pairs.len()))?;
+    for (name, spec) in &tests {
+        let short_name = name.split_once("::").map(|(_, rest)| rest).unwrap_or(name);
+        write!(out, "| [`{short_name}`]({spec}) |")?;
+        for pair in pairs {
+            write!(out, " {} |", test_cell(Some(pair), name))?;
+        }
+        writeln!(out)?;
+    }
+    writeln!(out)?;
+    Ok(())
 }
 
 const REPRODUCE: &str = r#"## How to reproduce
@@ -313,8 +362,12 @@ cargo run --release -p conformance --bin conformance -- docs \
     --hearth target/conformance-hearth.json --hearth target/conformance-hearth-rust-sdk.json \
     --hearth target/conformance-hearth-js-sdk.json \
     --synapse target/conformance-synapse.json --synapse target/conformance-synapse-rust-sdk.json \
-    --synapse target/conformance-synapse-js-sdk.json
+    --synapse target/conformance-synapse-js-sdk.json \
+    --federation target/conformance-federation-hearth-hearth.json \
+    --federation target/conformance-federation-hearth-synapse.json
 ```
+
+The federation reports come from `conformance federation --pair hearth-hearth` and `--pair hearth-synapse`.
 
 Reports given for the same server are merged; a server without reports shows as "not run".
 
