@@ -16,6 +16,8 @@ use crate::client::{Ctx, User, array, enc, room_path, short, timeline, v3};
 use crate::report::TestResult;
 use crate::runner::{Finished, record};
 
+mod e2ee;
+
 /// The two servers, as their clients see them.
 #[derive(Clone)]
 pub(crate) struct Pair {
@@ -69,6 +71,9 @@ fn checks() -> Vec<(&'static str, &'static str, Check)> {
             Box::pin(ban(s))
         }),
         ("leave_across_servers", "#leaving-rooms-rejecting-invites", |s| Box::pin(leave(s))),
+        ("encrypted_conversation_with_matrix_sdk", "#end-to-end-encryption", |s| {
+            Box::pin(e2ee::encrypted_conversation(s))
+        }),
     ]
 }
 

@@ -6,7 +6,7 @@ use ruma::{OwnedRoomAliasId, OwnedRoomId, OwnedUserId, RoomVersionId, UserId};
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::{NewEvent, RoomError, RoomRecord, Rooms};
+use super::{NewEvent, RoomError, RoomRecord, Rooms, ingest::Remote};
 use crate::accounts::random_string;
 
 /// What `createRoom` asks for.
@@ -73,12 +73,14 @@ pub struct CreatedRoom {
 }
 
 impl Rooms {
-    /// Creates a room as `creator` asked, and invites the invitees.
+    /// Creates a room as `creator` asked, and invites the invitees: local ones directly,
+    /// other servers' users through their server (`invite` v2, see [`Rooms::invite_remote`]).
     pub async fn create_room(
         &self,
         creator: &UserId,
         profile: (Option<String>, Option<String>),
         request: CreateRoom,
+        remote: &Remote,
     ) -> Result<CreatedRoom, RoomError> {
         let room_version = match &request.room_version {
             Some(version) => RoomVersionId::try_from(version.as_str())
@@ -246,6 +248,17 @@ impl Rooms {
             let mut content = json!({"membership": "invite"});
             if request.is_direct {
                 content["is_direct"] = json!(true);
+            }
+            if invitee.server_name() != self.server_name() {
+                // An invite the invitee's server never countersigned would never reach them.
+                // The room exists by now, so an unreachable server does not undo it: the
+                // creator sees that the invitee was not invited and can try again.
+                if let Err(error) =
+                    self.invite_remote(&room_id, creator, invitee, content, remote).await
+                {
+                    tracing::warn!(%room_id, %invitee, %error, "createRoom: remote invite failed");
+                }
+                continue;
             }
             self.append(
                 &room_id,

@@ -314,3 +314,61 @@ async fn two_hearths_join_talk_and_moderate_across_servers() {
     b.stop().await;
     a.stop().await;
 }
+
+/// Invitees named in `createRoom` who are on another server are invited through their server
+/// (`invite` v2), like those of `/invite`: they see the invite with the room's stripped state
+/// (its encryption too, which clients need to set up E2EE) and can join. An unreachable
+/// server does not fail the room's creation; its user is just not invited.
+#[tokio::test]
+async fn invitees_of_create_room_on_another_server_get_the_invite() {
+    let pki = Pki::new();
+    let a = start_on(&pki, "127.0.0.2").await;
+    let b = start_on(&pki, "127.0.0.3").await;
+    let alice = a.register("alice").await;
+    let carol = a.register("carol").await;
+    let bob = b.register("bob").await;
+    // Nothing listens on port 1, so that server refuses at once.
+    let unreachable = "@nobody:127.0.0.4:1";
+
+    let room_id = alice
+        .create_room(json!({
+            "preset": "private_chat",
+            "is_direct": true,
+            "invite": [bob.user_id, carol.user_id, unreachable],
+            "initial_state": [{
+                "type": "m.room.encryption",
+                "state_key": "",
+                "content": {"algorithm": "m.megolm.v1.aes-sha2"},
+            }],
+        }))
+        .await;
+
+    let sync = bob.sync_until(None, |sync| sync["rooms"]["invite"].get(&room_id).is_some()).await;
+    let invite_state = &sync["rooms"]["invite"][&room_id]["invite_state"]["events"];
+    let stripped = |kind: &str, state_key: &str| {
+        invite_state.as_array().and_then(|events| {
+            events.iter().find(|event| event["type"] == kind && event["state_key"] == state_key)
+        })
+    };
+    let encryption = stripped("m.room.encryption", "").expect("encryption in the invite state");
+    assert_eq!(encryption["content"]["algorithm"], "m.megolm.v1.aes-sha2", "{invite_state}");
+    let invite = stripped("m.room.member", &bob.user_id).expect("bob's invite in its state");
+    assert_eq!(invite["content"]["is_direct"], true, "{invite}");
+    carol.sync_until(None, |sync| sync["rooms"]["invite"].get(&room_id).is_some()).await;
+    assert_eq!(membership_of(&alice, &room_id, unreachable).await, None);
+
+    let (status, answer) = bob
+        .client
+        .post(&format!("/_matrix/client/v3/rooms/{}/join", enc(&room_id)), json!({}))
+        .await;
+    assert_eq!(status, 200, "join after a createRoom invite: {answer}");
+    eventually(
+        "alice sees bob join",
+        || membership_of(&alice, &room_id, &bob.user_id),
+        |membership| membership.as_deref() == Some("join"),
+    )
+    .await;
+
+    b.stop().await;
+    a.stop().await;
+}

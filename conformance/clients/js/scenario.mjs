@@ -4,6 +4,9 @@
 //   node scenario.mjs '{"base_url": "...", "users": [{"user_id", "password"}, {...}]}'
 // Prints `PASS name`, `FAIL name: reason` or `SKIP name: reason` per step; later steps are
 // skipped once one fails, since each builds on the one before.
+// The `e2ee_*` steps log both users in again as new devices with the SDK's Rust crypto
+// (`initRustCrypto`, in-memory store) and exchange messages in an encrypted room: each side
+// must decrypt the other's, while the server only ever holds `m.room.encrypted`.
 
 import * as sdk from "matrix-js-sdk";
 
@@ -28,6 +31,18 @@ async function waitFor(what, check, timeoutMs = STEP_TIMEOUT_MS) {
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 50));
   }
+}
+
+/** A client API request with `client`'s access token, outside the SDK: what the server holds. */
+async function raw(client, method, path, body) {
+  const response = await fetch(`${baseUrl}${path}`, {
+    method,
+    headers: { authorization: `Bearer ${client.getAccessToken()}`, "content-type": "application/json" },
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const text = await response.text();
+  if (!response.ok) throw new Error(`${method} ${path}: ${response.status} ${text.slice(0, 300)}`);
+  return JSON.parse(text);
 }
 
 async function login(creds) {
@@ -56,6 +71,50 @@ const timelineBodies = (client, roomId) =>
   (client.getRoom(roomId)?.getLiveTimeline().getEvents() ?? [])
     .filter((event) => event.getType() === "m.room.message")
     .map((event) => event.getContent().body);
+
+/** Whether `observer`'s server lists `client`'s device with keys (uploaded by its crypto). */
+async function deviceKeysUploaded(observer, client) {
+  const userId = client.getUserId();
+  const answer = await raw(observer, "POST", "/_matrix/client/v3/keys/query", { device_keys: { [userId]: [] } });
+  const keys = answer.device_keys?.[userId]?.[client.getDeviceId()];
+  return Boolean(keys?.keys?.[`curve25519:${client.getDeviceId()}`]);
+}
+
+/** Waits until `client` has decrypted the event `eventId` of `roomId` and returns it. */
+async function decrypted(client, roomId, eventId) {
+  let last = "not in the timeline";
+  try {
+    return await waitFor(`the decryption of ${eventId}`, async () => {
+      const event = client.getRoom(roomId)?.findEventById(eventId);
+      if (!event) return null;
+      await client.decryptEventIfNeeded(event);
+      if (event.isDecryptionFailure() || event.getType() !== "m.room.message") {
+        last = `type ${event.getType()}, failure ${event.decryptionFailureReason}`;
+        return null;
+      }
+      return event;
+    }, 30000);
+  } catch (error) {
+    throw new Error(`${error.message} (last seen: ${last})`);
+  }
+}
+
+/** `sender` sends `body` in the encrypted room; `receiver` must decrypt it. */
+async function sendAndDecrypt(sender, receiver, body) {
+  const roomId = state.encryptedRoomId;
+  const { event_id: eventId } = await sender.sendTextMessage(roomId, body);
+  const event = await decrypted(receiver, roomId, eventId);
+  if (!event.isEncrypted()) throw new Error(`${eventId} arrived in clear`);
+  if (event.getContent().body !== body) throw new Error(`decrypted body ${JSON.stringify(event.getContent().body)}`);
+  if (event.getSender() !== sender.getUserId()) throw new Error(`sender ${event.getSender()}`);
+  // What the server stores and serves is ciphertext only.
+  const path = `/_matrix/client/v3/rooms/${encodeURIComponent(roomId)}/event/${encodeURIComponent(eventId)}`;
+  const stored = await raw(receiver, "GET", path);
+  if (stored.type !== "m.room.encrypted" || stored.content?.algorithm !== "m.megolm.v1.aes-sha2"
+      || typeof stored.content?.ciphertext !== "string" || "body" in (stored.content ?? {})) {
+    throw new Error(`the server holds ${JSON.stringify(stored).slice(0, 300)}`);
+  }
+}
 
 const state = {};
 const steps = [
@@ -130,6 +189,53 @@ const steps = [
     await state.bob.leave(state.roomId);
     await waitFor("bob's leave in alice's view", () =>
       state.alice.getRoom(state.roomId)?.getMember(bobCreds.user_id)?.membership === "leave");
+    state.alice.stopClient();
+    state.bob.stopClient();
+  }],
+  ["e2ee_rust_crypto_uploads_device_keys", async () => {
+    // Crypto must be set up before the first sync, so these are new devices.
+    state.alice = await login(aliceCreds);
+    state.bob = await login(bobCreds);
+    for (const client of [state.alice, state.bob]) {
+      await client.initRustCrypto({ useIndexedDB: false });
+      await started(client);
+    }
+    await waitFor("alice's device keys on the server", () => deviceKeysUploaded(state.bob, state.alice));
+    await waitFor("bob's device keys on the server", () => deviceKeysUploaded(state.alice, state.bob));
+  }],
+  ["e2ee_create_encrypted_room", async () => {
+    const { room_id } = await state.alice.createRoom({
+      name: "js-sdk encrypted",
+      preset: "private_chat",
+      initial_state: [{ type: "m.room.encryption", state_key: "", content: { algorithm: "m.megolm.v1.aes-sha2" } }],
+    });
+    state.encryptedRoomId = room_id;
+    await waitFor("the encrypted room in alice's store", async () =>
+      state.alice.getRoom(room_id) && (await state.alice.getCrypto().isEncryptionEnabledInRoom(room_id)));
+  }],
+  ["e2ee_invitee_joins_encrypted_room", async () => {
+    const roomId = state.encryptedRoomId;
+    await state.alice.invite(roomId, bobCreds.user_id);
+    await waitFor("bob's invite", () => state.bob.getRoom(roomId)?.getMyMembership() === "invite");
+    await state.bob.joinRoom(roomId);
+    await waitFor("bob joined in alice's view", () =>
+      state.alice.getRoom(roomId)?.getMember(bobCreds.user_id)?.membership === "join");
+    await waitFor("encryption enabled in bob's view", () => state.bob.getCrypto().isEncryptionEnabledInRoom(roomId));
+  }],
+  ["e2ee_message_decrypted_by_recipient", async () => {
+    await sendAndDecrypt(state.alice, state.bob, "secret from alice");
+  }],
+  ["e2ee_reply_decrypted_by_sender", async () => {
+    await sendAndDecrypt(state.bob, state.alice, "secret reply from bob");
+  }],
+  ["e2ee_server_holds_only_ciphertext", async () => {
+    const path = `/_matrix/client/v3/rooms/${encodeURIComponent(state.encryptedRoomId)}/messages?dir=b&limit=100`;
+    const { chunk } = await raw(state.alice, "GET", path);
+    const encrypted = chunk.filter((event) => event.type === "m.room.encrypted");
+    const clear = chunk.filter((event) => event.type === "m.room.message");
+    if (encrypted.length !== 2 || clear.length !== 0) {
+      throw new Error(`/messages holds ${encrypted.length} encrypted and ${clear.length} clear messages`);
+    }
   }],
 ];
 

@@ -63,7 +63,7 @@ async fn create_room(
     }
     let created = state
         .rooms
-        .create_room(&auth.user_id, (account.displayname, account.avatar_url), body)
+        .create_room(&auth.user_id, (account.displayname, account.avatar_url), body, &state.remote)
         .await?;
     tracing::info!(room_id = %created.room_id, creator = %auth.user_id, "room created");
     let mut answer = json!({"room_id": created.room_id});
