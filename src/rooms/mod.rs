@@ -6,6 +6,7 @@
 //! implementation of the room version's auth rules against the room's current state. One
 //! accepted event is one RocksDB batch at one new stream position.
 
+pub mod backfill;
 pub mod create;
 pub mod directory;
 pub mod ingest;
@@ -201,8 +202,11 @@ struct Inner {
     default_room_version: RoomVersionId,
     notifier: Notifier,
     room_locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    /// One backfill per room at a time: a second pagination waits, then finds the events.
+    backfill_locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     snapshots: state::SnapshotCache,
     outbox: Outbox,
+    limits: ingest::Limits,
 }
 
 /// The largest PDU, in bytes of canonical JSON ([size limits](https://spec.matrix.org/v1.16/client-server-api/#size-limits)).
@@ -228,13 +232,15 @@ pub enum Direction {
 }
 
 impl Rooms {
-    /// The room core over `db`, signing with `signing_key`.
+    /// The room core over `db`, signing with `signing_key`, fetching from other servers no
+    /// more than `limits` allow.
     pub fn new(
         db: Db,
         signing_key: Arc<ServerSigningKey>,
         default_room_version: RoomVersionId,
         notifier: Notifier,
         outbox: Outbox,
+        limits: ingest::Limits,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -243,8 +249,10 @@ impl Rooms {
                 default_room_version,
                 notifier,
                 room_locks: Mutex::new(HashMap::new()),
+                backfill_locks: Mutex::new(HashMap::new()),
                 snapshots: state::SnapshotCache::default(),
                 outbox,
+                limits,
             }),
         }
     }
@@ -266,6 +274,12 @@ impl Rooms {
     fn room_lock(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks =
             self.inner.room_locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        locks.entry(room_id.to_owned()).or_default().clone()
+    }
+
+    fn backfill_lock(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks =
+            self.inner.backfill_locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         locks.entry(room_id.to_owned()).or_default().clone()
     }
 
