@@ -15,6 +15,7 @@ mod client_e2ee;
 mod client_sdk;
 mod discovery;
 mod e2ee;
+mod federation_backfill;
 mod federation_directory;
 mod federation_e2ee;
 mod federation_knock;
