@@ -116,6 +116,7 @@ fn fork(conflicted: usize) -> Fork {
         RoomVersionId::V11,
         Notifier::new(0),
         hearth::outbox::Outbox::new(db.clone()),
+        hearth::rooms::ingest::Limits::default(),
     );
     let room_id: OwnedRoomId = format!("!bench:{SERVER}").try_into().expect("a room id");
     let mut builder = Builder { rooms: rooms.clone(), key, room_id, timestamp: 1_000_000 };

@@ -93,6 +93,17 @@ pub struct Config {
     pub federation_retry_max_ms: u64,
     /// How many peers are sent transactions at the same time.
     pub federation_destinations_concurrent_max: usize,
+    /// The most events one `get_missing_events` request asks for when a received event's
+    /// prev events are missing.
+    pub federation_missing_events_max: usize,
+    /// The most events fetched one by one (`event`) to complete the state at an event that
+    /// `state_ids` named, when its prev events could not be had.
+    pub federation_state_events_fetched_max: usize,
+    /// The most events one `backfill` request asks for when a client paginates past the
+    /// oldest event we have.
+    pub federation_backfill_events_max: usize,
+    /// How many servers of the room one backfill tries, one after the other.
+    pub federation_backfill_servers_max: usize,
 }
 
 impl Default for Config {
@@ -126,6 +137,10 @@ impl Default for Config {
             federation_retry_initial_ms: 2_000,
             federation_retry_max_ms: 600_000,
             federation_destinations_concurrent_max: 50,
+            federation_missing_events_max: 50,
+            federation_state_events_fetched_max: 200,
+            federation_backfill_events_max: 100,
+            federation_backfill_servers_max: 5,
         }
     }
 }
@@ -248,6 +263,16 @@ impl Config {
             retry_initial: Duration::from_millis(self.federation_retry_initial_ms),
             retry_max: Duration::from_millis(self.federation_retry_max_ms),
             concurrent_destinations_max: self.federation_destinations_concurrent_max.max(1),
+        }
+    }
+
+    /// The bounds on what a remote server can make the room core fetch.
+    pub fn ingest_limits(&self) -> crate::rooms::ingest::Limits {
+        crate::rooms::ingest::Limits {
+            missing_events_max: self.federation_missing_events_max,
+            state_events_fetched_max: self.federation_state_events_fetched_max,
+            backfill_events_max: self.federation_backfill_events_max.max(1),
+            backfill_servers_max: self.federation_backfill_servers_max,
         }
     }
 

@@ -1,6 +1,7 @@
 //! The room core's view of other servers ([`ServerKeys`], [`RemoteEvents`]) implemented over
 //! the federation client: verify keys come from the client's key cache and fetching, and
-//! missing events are fetched with signed `event` and `get_missing_events` requests, and
+//! missing events are fetched with signed `event`, `get_missing_events`, `backfill` and
+//! `state_ids` requests, and
 //! membership handshakes (`make_join`/`send_join`, `make_leave`/`send_leave`, `invite`) are
 //! signed requests too.
 
@@ -131,6 +132,63 @@ impl RemoteEvents for OverFederation {
             let events =
                 answer.get("events").and_then(Value::as_array).cloned().unwrap_or_default();
             events.into_iter().take(limit).map(canonical).collect()
+        })
+    }
+
+    fn backfill<'a>(
+        &'a self,
+        server: &'a ServerName,
+        room_id: &'a RoomId,
+        from: &'a [OwnedEventId],
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<CanonicalJsonObject>, RemoteError>> {
+        Box::pin(async move {
+            let mut path = format!(
+                "/_matrix/federation/v1/backfill/{}?limit={limit}",
+                segment(room_id.as_str())
+            );
+            for event_id in from {
+                path.push_str(&format!("&v={}", segment(event_id.as_str())));
+            }
+            let answer = self
+                .client
+                .send_request(server, federation::Method::GET, &path, None)
+                .await
+                .map_err(|error| RemoteError(format!("backfill from {server}: {error}")))?;
+            let pdus = answer.get("pdus").and_then(Value::as_array).cloned().unwrap_or_default();
+            // A PDU that is not a JSON object is left out; the rest are checked one by one.
+            Ok(pdus.into_iter().take(limit).filter_map(|pdu| canonical(pdu).ok()).collect())
+        })
+    }
+
+    fn state_ids<'a>(
+        &'a self,
+        server: &'a ServerName,
+        room_id: &'a RoomId,
+        event_id: &'a EventId,
+    ) -> BoxFuture<'a, Result<Vec<OwnedEventId>, RemoteError>> {
+        Box::pin(async move {
+            let path = format!(
+                "/_matrix/federation/v1/state_ids/{}?event_id={}",
+                segment(room_id.as_str()),
+                segment(event_id.as_str())
+            );
+            let answer = self
+                .client
+                .send_request(server, federation::Method::GET, &path, None)
+                .await
+                .map_err(|error| RemoteError(format!("state_ids from {server}: {error}")))?;
+            let ids = answer
+                .get("pdu_ids")
+                .and_then(Value::as_array)
+                .ok_or_else(|| RemoteError(format!("{server} sent no pdu_ids")))?;
+            ids.iter()
+                .map(|id| {
+                    id.as_str()
+                        .and_then(|id| OwnedEventId::try_from(id).ok())
+                        .ok_or_else(|| RemoteError(format!("{server} sent a bad event id")))
+                })
+                .collect()
         })
     }
 }

@@ -90,6 +90,7 @@ impl Server {
             config.default_room_version.clone(),
             notifier.clone(),
             outbox.clone(),
+            config.ingest_limits(),
         );
         let ephemeral = Ephemeral::new(db.clone(), notifier.clone());
         let account_data = AccountData::new(db.clone(), notifier.clone());

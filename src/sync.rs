@@ -328,10 +328,19 @@ fn state_section(
     let at_start = state.rooms.state_at(start_snapshot)?;
     let wanted: BTreeMap<(String, String), OwnedEventId> = match room_since {
         Some(since) if !full_state => {
-            if !timeline.limited {
+            let since_snapshot = state.rooms.snapshot_at_position(room_id, since)?;
+            // A whole timeline that goes on from `since` says itself what changed, unless its
+            // first event does not follow on from the state at `since`: a gap in the DAG
+            // bridged with the state another server gave (`state_ids`).
+            if !timeline.limited
+                && timeline
+                    .events
+                    .first()
+                    .is_none_or(|(_, meta)| meta.state_before == since_snapshot)
+            {
                 return Ok(Vec::new());
             }
-            let before = state.rooms.state_at(state.rooms.snapshot_at_position(room_id, since)?)?;
+            let before = state.rooms.state_at(since_snapshot)?;
             at_start
                 .into_iter()
                 .filter(|(key, event_id)| before.get(key) != Some(event_id))

@@ -35,12 +35,35 @@ use super::{EventMeta, Pdu, ROOMS, RoomError, RoomRecord, Rooms, state};
 pub const PDUS_PER_TRANSACTION_MAX: usize = 50;
 /// The most EDUs one `/send` transaction may carry.
 pub const EDUS_PER_TRANSACTION_MAX: usize = 100;
-/// The most events one `get_missing_events` call asks for when prev events are missing.
-pub const MISSING_EVENTS_MAX: usize = 50;
 /// The most auth events fetched (one by one) to check one received PDU.
 pub const AUTH_EVENTS_FETCHED_MAX: usize = 50;
 /// The most events an auth chain walk visits; a longer chain is an error, not a hang.
 pub const AUTH_CHAIN_EVENTS_MAX: usize = 100_000;
+
+/// The bounds on what other servers can make the room core fetch, from the config
+/// (`federation_missing_events_max`, ...).
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// The most events one `get_missing_events` call asks for when prev events are missing.
+    pub missing_events_max: usize,
+    /// The most events fetched one by one to complete the state that `state_ids` names.
+    pub state_events_fetched_max: usize,
+    /// The most events one `backfill` call asks for.
+    pub backfill_events_max: usize,
+    /// How many servers one backfill tries.
+    pub backfill_servers_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            missing_events_max: 50,
+            state_events_fetched_max: 200,
+            backfill_events_max: 100,
+            backfill_servers_max: 5,
+        }
+    }
+}
 
 /// The transport could not give what was asked (unreachable server, bad answer, no key).
 #[derive(Debug, thiserror::Error)]
@@ -79,6 +102,26 @@ pub trait RemoteEvents: Send + Sync {
         latest_events: &'a [OwnedEventId],
         limit: usize,
     ) -> BoxFuture<'a, Result<Vec<CanonicalJsonObject>, RemoteError>>;
+
+    /// `GET /_matrix/federation/v1/backfill/{roomId}` on `server`: up to `limit` events from
+    /// `from` (included) backwards through their prev events, in any order.
+    fn backfill<'a>(
+        &'a self,
+        server: &'a ServerName,
+        room_id: &'a RoomId,
+        from: &'a [OwnedEventId],
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<CanonicalJsonObject>, RemoteError>>;
+
+    /// `GET /_matrix/federation/v1/state_ids/{roomId}?event_id=` on `server`: the ids of the
+    /// state events before `event_id` (`pdu_ids`). The auth chain ids are not asked for: the
+    /// auth events of every fetched event are followed anyway.
+    fn state_ids<'a>(
+        &'a self,
+        server: &'a ServerName,
+        room_id: &'a RoomId,
+        event_id: &'a EventId,
+    ) -> BoxFuture<'a, Result<Vec<OwnedEventId>, RemoteError>>;
 }
 
 /// Why another server did not help with a membership change.
@@ -209,9 +252,9 @@ pub enum TransactionError {
 pub type TransactionResults = BTreeMap<OwnedEventId, Result<Accepted, IngestError>>;
 
 /// A PDU that passed the checks that need no room state: format, signatures, hash.
-struct Checked {
-    pdu: Pdu,
-    rules: RoomVersionRules,
+pub(super) struct Checked {
+    pub(super) pdu: Pdu,
+    pub(super) rules: RoomVersionRules,
 }
 
 impl Rooms {
@@ -306,6 +349,7 @@ impl Rooms {
         self.check_auth_events(&pdu, &rules).map_err(IngestError::AuthEvents)?;
 
         // Missing prev events: ask the origin for the gap, once, and take what connects.
+        let missing_events_max = self.inner.limits.missing_events_max;
         let missing: Vec<OwnedEventId> = self.missing_prev_events(&pdu)?;
         if !missing.is_empty() && fetch_missing_prev {
             let earliest = self.room(&room_id)?.ok_or(IngestError::UnknownRoom)?;
@@ -317,14 +361,14 @@ impl Rooms {
                     &room_id,
                     &earliest.forward_extremities,
                     &latest,
-                    MISSING_EVENTS_MAX,
+                    missing_events_max,
                 )
                 .await
             {
                 Ok(events) => {
                     let mut events: Vec<(UInt, CanonicalJsonObject)> = events
                         .into_iter()
-                        .take(MISSING_EVENTS_MAX)
+                        .take(missing_events_max)
                         .map(|json| {
                             let depth = match json.get("depth") {
                                 Some(CanonicalJsonValue::Integer(depth)) => {
@@ -349,12 +393,35 @@ impl Rooms {
             }
         }
         let missing = self.missing_prev_events(&pdu)?;
-        if !missing.is_empty() {
-            // Without the prev events there is no state before the event. Fetching that state
-            // with `/state_ids` (and storing the event with it) is not done yet.
+        let given_state = if missing.is_empty() {
+            None
+        } else {
             let list: Vec<String> = missing.iter().map(ToString::to_string).collect();
-            return Err(IngestError::MissingPrevEvents(list.join(", ")));
-        }
+            if !fetch_missing_prev {
+                return Err(IngestError::MissingPrevEvents(list.join(", ")));
+            }
+            // The gap could not be filled: without the prev events there is no state before
+            // the event here, so the origin is asked for it (`state_ids`), and what it names
+            // is fetched and checked
+            // ([checks on receipt](https://spec.matrix.org/v1.16/server-server-api/#checks-performed-on-receipt-of-a-pdu)).
+            match self.fetch_state_at(origin, &pdu, remote).await {
+                Ok(state) => {
+                    tracing::info!(
+                        event_id = %pdu.event_id,
+                        missing = missing.len(),
+                        state = state.len(),
+                        "prev events missing: state before the event taken from state_ids"
+                    );
+                    Some(state)
+                }
+                Err(error) => {
+                    return Err(IngestError::MissingPrevEvents(format!(
+                        "{} (and no state from state_ids: {error})",
+                        list.join(", ")
+                    )));
+                }
+            }
+        };
 
         let lock = self.room_lock(&room_id);
         let _guard = lock.lock().await;
@@ -362,12 +429,63 @@ impl Rooms {
             return Ok(Accepted::AlreadyKnown);
         }
         let mut room = self.room(&room_id)?.ok_or(IngestError::UnknownRoom)?;
-        self.accept_locked(&mut room, &pdu, &rules)
+        self.accept_locked(&mut room, &pdu, &rules, given_state)
+    }
+
+    /// The state before `pdu` as `origin` has it: the ids `state_ids` answers, with every
+    /// event of them this server lacks fetched (at most `state_events_fetched_max`), checked
+    /// like a received PDU (format, signatures, hash, its auth events) and stored as an
+    /// outlier.
+    pub(super) async fn fetch_state_at(
+        &self,
+        origin: &ServerName,
+        pdu: &Pdu,
+        remote: &Remote,
+    ) -> Result<BTreeMap<(String, String), OwnedEventId>, IngestError> {
+        let room_id = &pdu.room_id;
+        let ids = remote
+            .events
+            .state_ids(origin, room_id, &pdu.event_id)
+            .await
+            .map_err(|error| IngestError::MissingPrevEvents(format!("state_ids: {error}")))?;
+        let mut missing = Vec::new();
+        for event_id in &ids {
+            if self.pdu(event_id)?.is_none() && !missing.contains(event_id) {
+                missing.push(event_id.clone());
+            }
+        }
+        let budget = self.inner.limits.state_events_fetched_max;
+        if missing.len() > budget {
+            return Err(IngestError::MissingPrevEvents(format!(
+                "the state names {} events we lack, more than {budget}",
+                missing.len()
+            )));
+        }
+        self.fetch_outliers(origin, room_id, missing, budget, remote).await?;
+        let mut state = BTreeMap::new();
+        for event_id in ids {
+            let event = self
+                .pdu(&event_id)?
+                .ok_or_else(|| IngestError::MissingPrevEvents(format!("{event_id} not stored")))?;
+            let Some(state_key) = event.state_key.clone() else {
+                return Err(IngestError::Malformed(format!("{event_id} is not a state event")));
+            };
+            if event.room_id != *room_id {
+                return Err(IngestError::Malformed(format!("{event_id} is in another room")));
+            }
+            if state.insert((event.kind.to_string(), state_key), event_id.clone()).is_some() {
+                return Err(IngestError::Malformed("the state names one key twice".into()));
+            }
+        }
+        if !state.contains_key(&("m.room.create".to_owned(), String::new())) {
+            return Err(IngestError::Malformed("the state has no create event".into()));
+        }
+        Ok(state)
     }
 
     /// Checks 1 to 3: a valid PDU of a known room's version, signed by the servers the room
     /// version requires, redacted when its content hash does not match.
-    async fn check_received(
+    pub(super) async fn check_received(
         &self,
         mut json: CanonicalJsonObject,
         remote: &Remote,
@@ -433,7 +551,7 @@ impl Rooms {
 
     /// Fetches the auth events of `pdu` this server lacks (and theirs) from `origin`, checks
     /// each (format, signatures, hash, its own auth events) and stores them as outliers.
-    async fn fetch_missing_auth_events(
+    pub(super) async fn fetch_missing_auth_events(
         &self,
         origin: &ServerName,
         pdu: &Pdu,
@@ -445,11 +563,25 @@ impl Rooms {
                 to_fetch.push(event_id.clone());
             }
         }
+        self.fetch_outliers(origin, &pdu.room_id, to_fetch, AUTH_EVENTS_FETCHED_MAX, remote).await
+    }
+
+    /// Fetches `to_fetch` and the auth events of theirs this server lacks from `origin` (at
+    /// most `budget` events), checks each (format, signatures, hash, its own auth events) and
+    /// stores them as outliers, oldest first.
+    async fn fetch_outliers(
+        &self,
+        origin: &ServerName,
+        room_id: &RoomId,
+        mut to_fetch: Vec<OwnedEventId>,
+        budget: usize,
+        remote: &Remote,
+    ) -> Result<(), IngestError> {
         if to_fetch.is_empty() {
             return Ok(());
         }
         let mut fetched: Vec<Checked> = Vec::new();
-        let mut budget = AUTH_EVENTS_FETCHED_MAX;
+        let mut budget = budget;
         while let Some(event_id) = to_fetch.pop() {
             if self.pdu(&event_id)?.is_some()
                 || fetched.iter().any(|checked| checked.pdu.event_id == event_id)
@@ -465,7 +597,7 @@ impl Rooms {
                     IngestError::MissingAuthEvents(format!("{event_id}: {error}"))
                 })?;
             let checked = self.check_received(json, remote).await?;
-            if checked.pdu.event_id != event_id || checked.pdu.room_id != pdu.room_id {
+            if checked.pdu.event_id != event_id || checked.pdu.room_id != room_id {
                 return Err(IngestError::MissingAuthEvents(format!(
                     "{origin} answered another event for {event_id}"
                 )));
@@ -550,7 +682,7 @@ impl Rooms {
     }
 
     /// Prev events of `pdu` this server has no state for.
-    fn missing_prev_events(&self, pdu: &Pdu) -> Result<Vec<OwnedEventId>, RoomError> {
+    pub(super) fn missing_prev_events(&self, pdu: &Pdu) -> Result<Vec<OwnedEventId>, RoomError> {
         let mut missing = Vec::new();
         for event_id in &pdu.prev_events {
             if self.meta(event_id)?.is_none_or(|meta| meta.outlier) {
@@ -563,18 +695,25 @@ impl Rooms {
     /// Checks 5 and 6 and the write, with the room lock held: state before the event from its
     /// prev events (resolved where they differ), auth against it (reject), auth against the
     /// current state (soft fail), then one batch with extremities and current state.
+    ///
+    /// `given_state` is the state before the event when its prev events are missing and it
+    /// came from `state_ids` instead; the prev events this server has still leave the forward
+    /// extremities.
     fn accept_locked(
         &self,
         room: &mut RoomRecord,
         pdu: &Pdu,
         rules: &RoomVersionRules,
+        given_state: Option<BTreeMap<(String, String), OwnedEventId>>,
     ) -> Result<Accepted, IngestError> {
         let room_id = pdu.room_id.clone();
         let mut prev_snapshots: Vec<Option<u64>> = Vec::new();
         for event_id in &pdu.prev_events {
-            let meta = self
-                .meta(event_id)?
-                .ok_or_else(|| IngestError::MissingPrevEvents(event_id.to_string()))?;
+            let meta = match self.meta(event_id)? {
+                Some(meta) if !meta.outlier => meta,
+                _ if given_state.is_some() => continue,
+                _ => return Err(IngestError::MissingPrevEvents(event_id.to_string())),
+            };
             if meta.room_id != room_id {
                 return Err(IngestError::Malformed(format!(
                     "prev event {event_id} is in another room"
@@ -588,7 +727,8 @@ impl Rooms {
         // state is the current state. Nothing forks, so the state before the event is the
         // current state and the checks read only the few entries the auth rules name, instead
         // of every entry of a room that may hold tens of thousands.
-        if let [snapshot] = prev_snapshots.as_slice()
+        if given_state.is_none()
+            && let [snapshot] = prev_snapshots.as_slice()
             && *snapshot == room.current_snapshot
             && room.forward_extremities.len() == pdu.prev_events.len()
             && room.forward_extremities.iter().all(|id| pdu.prev_events.contains(id))
@@ -596,7 +736,10 @@ impl Rooms {
             return self.accept_linear(room, pdu, rules);
         }
         // 5. State before the event.
-        let (state_before, before_snapshot) = if let [snapshot] = prev_snapshots.as_slice() {
+        let from_state_ids = given_state.is_some();
+        let (state_before, before_snapshot) = if let Some(given) = given_state {
+            (given, None)
+        } else if let [snapshot] = prev_snapshots.as_slice() {
             (self.state_at(*snapshot)?, Some(*snapshot))
         } else {
             let states = prev_snapshots
@@ -669,6 +812,16 @@ impl Rooms {
                 }
             }
         }
+        // State events fetched for `state_ids` are outliers: those that become current state
+        // get the metadata that shows them to clients, as after a join.
+        let mut shown = Vec::new();
+        if from_state_ids && let Some(new_current) = &new_current {
+            for event_id in new_current.values() {
+                if *event_id != pdu.event_id && self.meta(event_id)?.is_none() {
+                    shown.push(event_id.clone());
+                }
+            }
+        }
         let plan = Plan {
             state_before,
             before_snapshot,
@@ -679,7 +832,9 @@ impl Rooms {
             redaction_applies,
         };
         let (position, members_changed) = self.db().write_at_next_position(|position, batch| {
-            self.persist_remote(batch, room, pdu, position, plan)
+            let members_changed = self.persist_remote(batch, room, pdu, position, plan)?;
+            self.write_shown_outliers(batch, &room_id, &shown, position)?;
+            Ok(members_changed)
         })?;
         tracing::debug!(event_id = %pdu.event_id, position, "remote event persisted");
         if members_changed {
@@ -777,7 +932,7 @@ impl Rooms {
 
     /// A redaction takes effect when its sender may redact others' events, or redacts an
     /// event of its own server ([redactions](https://spec.matrix.org/v1.16/rooms/v11/#handling-redactions)).
-    fn remote_redaction_applies(
+    pub(super) fn remote_redaction_applies(
         &self,
         state: &BTreeMap<(String, String), OwnedEventId>,
         redaction: &Pdu,
@@ -803,6 +958,37 @@ impl Rooms {
             level_of(levels.get("users_default"), 0),
         );
         Ok(sender_level >= level_of(levels.get("redact"), 50))
+    }
+
+    /// Gives state events known only as outliers the metadata that shows them to clients as
+    /// room state from `position` on (`EventMeta::outlier`), in `batch`.
+    pub(super) fn write_shown_outliers(
+        &self,
+        batch: &mut Batch<'_>,
+        room_id: &RoomId,
+        event_ids: &[OwnedEventId],
+        position: u64,
+    ) -> Result<(), storage::Error> {
+        for event_id in event_ids {
+            if self.db().contains(super::METAS, event_id.as_bytes())? {
+                continue;
+            }
+            let Some(short) = state::short_of_event(self.db(), event_id)? else { continue };
+            let meta = EventMeta {
+                room_id: room_id.to_owned(),
+                position,
+                short,
+                state_before: None,
+                state_after: None,
+                transaction: None,
+                redacted_by: None,
+                soft_failed: false,
+                current_after: None,
+                outlier: true,
+            };
+            batch.put(super::METAS, event_id.as_bytes(), &meta)?;
+        }
+        Ok(())
     }
 
     pub(super) fn persist_remote(
@@ -896,7 +1082,7 @@ impl Rooms {
     /// Writes a state map as a snapshot (a delta against `parent` where it can be). `pdu`
     /// (short id `short`) may be in the map before it is stored; every other event in it is
     /// stored (checked before the write).
-    fn write_state(
+    pub(super) fn write_state(
         &self,
         batch: &mut Batch<'_>,
         shorts: &mut ShortIds,
@@ -1023,7 +1209,7 @@ pub(super) struct Plan {
 
 /// Short ids allocated in a batch that is not written yet, so none is allocated twice.
 #[derive(Default)]
-struct ShortIds {
+pub(super) struct ShortIds {
     keys: HashMap<(String, String), u64>,
 }
 

@@ -6,6 +6,7 @@
 //! implementation of the room version's auth rules against the room's current state. One
 //! accepted event is one RocksDB batch at one new stream position.
 
+pub mod backfill;
 pub mod create;
 pub mod directory;
 pub mod ingest;
@@ -201,9 +202,12 @@ struct Inner {
     default_room_version: RoomVersionId,
     notifier: Notifier,
     room_locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    /// One backfill per room at a time: a second pagination waits, then finds the events.
+    backfill_locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     snapshots: state::SnapshotCache,
     outbox: Outbox,
     room_servers: RoomServers,
+    limits: ingest::Limits,
 }
 
 /// The other servers joined to each room, kept so that a new event does not scan the room's
@@ -277,13 +281,15 @@ pub enum Direction {
 }
 
 impl Rooms {
-    /// The room core over `db`, signing with `signing_key`.
+    /// The room core over `db`, signing with `signing_key`, fetching from other servers no
+    /// more than `limits` allow.
     pub fn new(
         db: Db,
         signing_key: Arc<ServerSigningKey>,
         default_room_version: RoomVersionId,
         notifier: Notifier,
         outbox: Outbox,
+        limits: ingest::Limits,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
@@ -292,9 +298,11 @@ impl Rooms {
                 default_room_version,
                 notifier,
                 room_locks: Mutex::new(HashMap::new()),
+                backfill_locks: Mutex::new(HashMap::new()),
                 snapshots: state::SnapshotCache::default(),
                 outbox,
                 room_servers: RoomServers::default(),
+                limits,
             }),
         }
     }
@@ -316,6 +324,12 @@ impl Rooms {
     fn room_lock(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
         let mut locks =
             self.inner.room_locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        locks.entry(room_id.to_owned()).or_default().clone()
+    }
+
+    fn backfill_lock(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks =
+            self.inner.backfill_locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         locks.entry(room_id.to_owned()).or_default().clone()
     }
 

@@ -17,10 +17,9 @@ use serde_json::{Value, json};
 use tracing::instrument;
 
 use super::{
-    Appended, EventMeta, METAS, MembershipRecord, NewEvent, Pdu, RoomError, RoomRecord, Rooms,
-    USER_ROOMS,
+    Appended, MembershipRecord, NewEvent, Pdu, RoomError, RoomRecord, Rooms, USER_ROOMS,
     ingest::{MembershipRemoteError, Plan, Remote},
-    peers, state,
+    peers,
 };
 
 /// How many servers a join tries before giving up.
@@ -354,26 +353,7 @@ impl Rooms {
         let (position, ()) = self.db().write_at_next_position(|position, batch| {
             self.persist_remote(batch, &mut room, &join, position, plan)?;
             // The room's state events become visible to clients as of the join.
-            for event_id in &shown {
-                if self.db().contains(METAS, event_id.as_bytes())? {
-                    continue;
-                }
-                let Some(short) = state::short_of_event(self.db(), event_id)? else { continue };
-                let meta = EventMeta {
-                    room_id: room_id.to_owned(),
-                    position,
-                    short,
-                    state_before: None,
-                    state_after: None,
-                    transaction: None,
-                    redacted_by: None,
-                    soft_failed: false,
-                    current_after: None,
-                    outlier: true,
-                };
-                batch.put(METAS, event_id.as_bytes(), &meta)?;
-            }
-            Ok(())
+            self.write_shown_outliers(batch, room_id, &shown, position)
         })?;
         tracing::info!(event_id = %join_id, position, "joined a room over federation");
         self.room_membership_changed(room_id);

@@ -48,6 +48,7 @@ pub const TABLES: &[&str] = &[
     "snapshot_to_delta",
     "room_id_to_room",
     "room_position_to_event_id",
+    "room_order_to_historical_event_id",
     "room_state_key_to_event_id",
     "user_room_to_membership",
     "room_user_to_membership",

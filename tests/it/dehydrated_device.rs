@@ -68,7 +68,9 @@ async fn read_all(user: &User, device_id: &str) -> (Vec<u64>, String) {
             return (numbers, token);
         }
         assert!(events.len() <= 100, "a page holds at most 100");
-        numbers.extend(events.iter().map(|event| event["content"]["n"].as_u64().unwrap()));
+        numbers.extend(
+            events.iter().map(|event| event["content"]["n"].as_u64().expect("a numbered message")),
+        );
         for event in events {
             assert_eq!(event["type"], "m.room_key");
         }

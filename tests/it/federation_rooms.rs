@@ -179,6 +179,26 @@ impl RemoteEvents for FakeTransport {
             Ok(found)
         })
     }
+
+    /// These tests fill gaps through `get_missing_events` only.
+    fn backfill<'a>(
+        &'a self,
+        server: &'a ServerName,
+        _room_id: &'a RoomId,
+        _from: &'a [OwnedEventId],
+        _limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<CanonicalJsonObject>, RemoteError>> {
+        Box::pin(async move { Err(RemoteError(format!("{server} serves no backfill"))) })
+    }
+
+    fn state_ids<'a>(
+        &'a self,
+        server: &'a ServerName,
+        _room_id: &'a RoomId,
+        _event_id: &'a EventId,
+    ) -> BoxFuture<'a, Result<Vec<OwnedEventId>, RemoteError>> {
+        Box::pin(async move { Err(RemoteError(format!("{server} serves no state_ids"))) })
+    }
 }
 
 /// An unsigned remote event following the room's forward extremities, with auth events

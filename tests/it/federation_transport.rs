@@ -65,24 +65,33 @@ pub(crate) async fn start_on(pki: &Pki, ip: &str) -> TestServer {
 
 /// Starts (or restarts) the server named `ip:port` on `data_dir`, serving TLS on that port.
 pub(crate) async fn start_on_port(pki: &Pki, ip: &str, port: u16, data_dir: PathBuf) -> TestServer {
+    start_on_port_with(pki, ip, port, data_dir, &[]).await
+}
+
+/// [`start_on_port`] with extra settings, which win over the ones it sets.
+pub(crate) async fn start_on_port_with(
+    pki: &Pki,
+    ip: &str,
+    port: u16,
+    data_dir: PathBuf,
+    extra: &[(&str, &str)],
+) -> TestServer {
     let (cert, key) = pki.leaf(ip);
     let server_name = format!("{ip}:{port}");
     let tls_listen = format!("{ip}:{port}");
     let listen = format!("{ip}:0");
     let (cert, key, ca) = (cert.display().to_string(), key.display().to_string(), pki.ca_path());
-    TestServer::start_in(
-        data_dir,
-        &[
-            ("HEARTH_SERVER_NAME", &server_name),
-            ("HEARTH_LISTEN", &listen),
-            ("HEARTH_TLS_LISTEN", &tls_listen),
-            ("HEARTH_TLS_CERT", &cert),
-            ("HEARTH_TLS_KEY", &key),
-            ("HEARTH_FEDERATION_CA", &ca),
-            ("HEARTH_FEDERATION_ALLOW_PRIVATE", "true"),
-        ],
-    )
-    .await
+    let mut settings: Vec<(&str, &str)> = vec![
+        ("HEARTH_SERVER_NAME", &server_name),
+        ("HEARTH_LISTEN", &listen),
+        ("HEARTH_TLS_LISTEN", &tls_listen),
+        ("HEARTH_TLS_CERT", &cert),
+        ("HEARTH_TLS_KEY", &key),
+        ("HEARTH_FEDERATION_CA", &ca),
+        ("HEARTH_FEDERATION_ALLOW_PRIVATE", "true"),
+    ];
+    settings.extend_from_slice(extra);
+    TestServer::start_in(data_dir, &settings).await
 }
 
 /// A federation client that speaks as `server` (with its signing key), trusting the test CA.

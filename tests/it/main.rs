@@ -16,6 +16,7 @@ mod client_sdk;
 mod dehydrated_device;
 mod discovery;
 mod e2ee;
+mod federation_backfill;
 mod federation_directory;
 mod federation_e2ee;
 mod federation_knock;
