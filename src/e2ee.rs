@@ -125,6 +125,13 @@ struct ToDeviceMessage {
     content: Value,
 }
 
+impl ToDeviceMessage {
+    /// The message as clients get it (`sender`, `type`, `content`).
+    fn into_event(self) -> Value {
+        serde_json::json!({"sender": self.sender, "type": self.kind, "content": self.content})
+    }
+}
+
 /// One claimed key: whose, and the `algorithm:key_id` with its key object.
 pub struct ClaimedKey {
     /// The key's owner.
@@ -931,11 +938,7 @@ impl E2ee {
                 return false;
             }
             if let Ok(message) = serde_json::from_slice::<ToDeviceMessage>(value) {
-                events.push(serde_json::json!({
-                    "sender": message.sender,
-                    "type": message.kind,
-                    "content": message.content,
-                }));
+                events.push(message.into_event());
             }
             last = Some((position, index));
             true
@@ -994,11 +997,7 @@ impl E2ee {
                 return false;
             }
             if let Ok(message) = serde_json::from_slice::<ToDeviceMessage>(value) {
-                events.push(serde_json::json!({
-                    "sender": message.sender,
-                    "type": message.kind,
-                    "content": message.content,
-                }));
+                events.push(message.into_event());
             }
             last_delivered = Some(key.to_vec());
             true

@@ -103,25 +103,14 @@ async fn put_dehydrated_device(
         body.initial_device_display_name,
     )?;
     let device_keys = Value::Object(body.device_keys);
-    let before = state.e2ee.device_list_stream_id(&auth.user_id)?;
-    state.e2ee.upload_keys(
+    super::keys::upload_and_announce(
+        &state,
         &auth.user_id,
         &body.device_id,
         Some(&device_keys),
         &body.one_time_keys,
         &body.fallback_keys,
     )?;
-    let after = state.e2ee.device_list_stream_id(&auth.user_id)?;
-    if after != before {
-        crate::edus::send_device_list_update(
-            &state.rooms,
-            &auth.user_id,
-            body.device_id.as_str(),
-            after,
-            Some(&device_keys),
-            false,
-        )?;
-    }
     let dehydrated = DehydratedDevice {
         device_id: body.device_id.clone(),
         device_data: Value::Object(body.device_data),

@@ -53,27 +53,42 @@ async fn upload_keys(
     auth: Auth,
     Body(body): Body<UploadBody>,
 ) -> ApiResult {
-    let before = state.e2ee.device_list_stream_id(&auth.user_id)?;
-    let counts = state.e2ee.upload_keys(
+    let counts = upload_and_announce(
+        &state,
         &auth.user_id,
         &auth.device_id,
         body.device_keys.as_ref(),
         &body.one_time_keys,
         &body.fallback_keys,
     )?;
-    // New device keys are news for the servers that share a room with the user.
-    let after = state.e2ee.device_list_stream_id(&auth.user_id)?;
+    Ok(Json(json!({"one_time_key_counts": counts})))
+}
+
+/// Stores a device's uploaded keys; new device keys are news for the servers that share a
+/// room with the user (`m.device_list_update`). Returns the one-time key counts.
+pub(crate) fn upload_and_announce(
+    state: &AppState,
+    user_id: &UserId,
+    device_id: &ruma::DeviceId,
+    device_keys: Option<&Value>,
+    one_time_keys: &Map<String, Value>,
+    fallback_keys: &Map<String, Value>,
+) -> Result<BTreeMap<String, u64>, ApiError> {
+    let before = state.e2ee.device_list_stream_id(user_id)?;
+    let counts =
+        state.e2ee.upload_keys(user_id, device_id, device_keys, one_time_keys, fallback_keys)?;
+    let after = state.e2ee.device_list_stream_id(user_id)?;
     if after != before {
         crate::edus::send_device_list_update(
             &state.rooms,
-            &auth.user_id,
-            auth.device_id.as_str(),
+            user_id,
+            device_id.as_str(),
             after,
-            body.device_keys.as_ref(),
+            device_keys,
             false,
         )?;
     }
-    Ok(Json(json!({"one_time_key_counts": counts})))
+    Ok(counts)
 }
 
 #[derive(Deserialize)]
