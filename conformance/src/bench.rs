@@ -662,6 +662,24 @@ async fn settle<F: std::future::Future<Output = Result<usize>>>(
     }
 }
 
+/// Polls until `event_id` is visible to `viewer`, for at most `limit`; whether it became so.
+async fn wait_visible(
+    viewer: &User,
+    room_id: &str,
+    event_id: &str,
+    limit: Duration,
+) -> Result<bool> {
+    let deadline = Instant::now() + limit;
+    let path = room_path(room_id, &format!("/event/{}", enc(event_id)));
+    while Instant::now() < deadline {
+        if viewer.get(&path).await?.status == 200 {
+            return Ok(true);
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(false)
+}
+
 /// How many of the room's current state events are of `kind`, as `viewer` sees them.
 async fn state_count(viewer: &User, room_id: &str, kind: &str) -> Result<usize> {
     let state = viewer.get(&room_path(room_id, "/state")).await?.ok()?;
@@ -693,11 +711,13 @@ async fn message_count(viewer: &User, room_id: &str, prefix: &str) -> Result<usi
 }
 
 /// Sends `count` PDUs made by `make` in transactions of 50, one transaction at a time, the
-/// next as soon as the answer to the last came, and checks every per-PDU result
+/// next once `viewer` sees the last PDU of the one before (or 30 s passed), and checks every
+/// per-PDU result
 /// ([`PUT /send/{txnId}`](https://spec.matrix.org/v1.16/server-server-api/#put_matrixfederationv1sendtxnid)).
 async fn send_pdus(
     peer: &Peer,
     target: &FederationTarget<'_>,
+    viewer: &User,
     room: &mut PeerRoom,
     count: usize,
     mut make: impl FnMut(&mut PeerRoom, usize) -> Result<CanonicalJsonObject>,
@@ -741,6 +761,11 @@ async fn send_pdus(
             sent.last_id = last.clone();
         }
         ensure!(status == 200, "send transaction: {status} {}", crate::client::short(&answer));
+        // The next transaction waits until the server holds this one's last PDU: a server
+        // that answers before processing (Synapse) would otherwise get a queue it prunes.
+        if let Some(last) = ids.last() {
+            wait_visible(viewer, &room.room_id, last, Duration::from_secs(30)).await?;
+        }
         for id in ids {
             match answer["pdus"].get(&id) {
                 Some(result) if result.get("error").is_none() => sent.accepted += 1,
@@ -770,7 +795,7 @@ pub async fn s5_federation_ingest(
 ) -> Result<Vec<Figure>> {
     const STATE_TYPE: &str = "org.hearth.bench.state";
     let (mut room, owner) = peer_join(ctx, peer, target, "s5peer").await?;
-    let mut state = send_pdus(peer, target, &mut room, sizes.s5_state, |room, index| {
+    let mut state = send_pdus(peer, target, &owner, &mut room, sizes.s5_state, |room, index| {
         let key = format!("key{index}");
         room.next(peer, STATE_TYPE, Some(&key), json!({"index": index}))
     })
@@ -785,16 +810,17 @@ pub async fn s5_federation_ingest(
     let state_time = settled.at - state.started;
     state.failed += state.accepted.saturating_sub(settled.count);
     state.accepted = state.accepted.min(settled.count);
-    let mut messages = send_pdus(peer, target, &mut room, sizes.s5_messages, |room, index| {
-        room.next(
-            peer,
-            "m.room.message",
-            None,
-            json!({"msgtype": "m.text", "body": format!("s5 {index}")}),
-        )
-    })
-    .await
-    .context("sending the messages")?;
+    let mut messages =
+        send_pdus(peer, target, &owner, &mut room, sizes.s5_messages, |room, index| {
+            room.next(
+                peer,
+                "m.room.message",
+                None,
+                json!({"msgtype": "m.text", "body": format!("s5 {index}")}),
+            )
+        })
+        .await
+        .context("sending the messages")?;
     let settled = settle(&owner, &room.room_id, &messages.last_id, || {
         message_count(&owner, &room.room_id, "s5 ")
     })
