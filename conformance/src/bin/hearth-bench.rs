@@ -641,6 +641,15 @@ better Hearth is (throughput: Hearth / Synapse; times, memory and bytes: Synapse
         let _ =
             writeln!(page, "- Load generator built with the `{}` profile", results.tool_profile);
     }
+    // The server binary of every run behind the page, as its command line named it.
+    let commands = std::iter::once(results.command.as_str())
+        .chain(results.merged.iter().map(|earlier| earlier.command.as_str()));
+    if commands.into_iter().any(|command| command.contains("/debug/hearth ")) {
+        let _ = writeln!(
+            page,
+            "- Hearth binary: a `dev` (debug) build in at least one run (see Reproduce); a release build is faster"
+        );
+    }
     if let Some(profile) = &results.s6_profile {
         let _ = writeln!(
             page,
