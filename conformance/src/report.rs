@@ -183,7 +183,7 @@ pub(crate) fn write_docs(
     writeln!(out)?;
     writeln!(
         out,
-        "The black-box suite in `conformance/` drives a homeserver through the client-server API only."
+        "The black-box suite in `conformance/` drives a homeserver through the client-server API only; the federation section at the end drives two of them."
     )?;
     writeln!(
         out,
@@ -346,7 +346,7 @@ cargo run --release -p conformance --bin conformance -- client-rust --server syn
 cargo run --release -p conformance --bin conformance -- client-rust --server hearth
 ```
 
-The `js_sdk` area is the matrix-js-sdk scenario (the engine of Element Web) in `conformance/clients/js/scenario.mjs`: login, sync loop, create a room, invite, join, messages both ways, paginate history back to the room's creation, display name, typing, leave.
+The `js_sdk` area is the matrix-js-sdk scenario (the engine of Element Web) in `conformance/clients/js/scenario.mjs`: login, sync loop, create a room, invite, join, messages both ways, paginate history back to the room's creation, display name, typing, leave; then two new devices with the SDK's Rust crypto (`initRustCrypto`) share an encrypted room and each decrypts the other's message, while the server holds only `m.room.encrypted`.
 
 ```sh
 cargo run --release -p conformance --bin conformance -- client-js --server synapse
