@@ -105,21 +105,27 @@ impl Drop for SdkUser {
     }
 }
 
+/// A matrix-sdk client (memory stores) logged in as `user` on `base_url`, as a new device
+/// named `device_name`.
+pub(crate) async fn sdk_login(base_url: &str, user: &User, device_name: &str) -> Result<SdkClient> {
+    let client = SdkClient::builder()
+        .homeserver_url(base_url)
+        .build()
+        .await
+        .context("building the SDK client")?;
+    client
+        .matrix_auth()
+        .login_username(&user.localpart, &user.password)
+        .initial_device_display_name(device_name)
+        .send()
+        .await
+        .with_context(|| format!("logging {} in with matrix-sdk", user.user_id))?;
+    Ok(client)
+}
+
 impl SdkUser {
     async fn login(base_url: &str, user: &User) -> Result<SdkClient> {
-        let client = SdkClient::builder()
-            .homeserver_url(base_url)
-            .build()
-            .await
-            .context("building the SDK client")?;
-        client
-            .matrix_auth()
-            .login_username(&user.localpart, &user.password)
-            .initial_device_display_name("conformance rust_sdk")
-            .send()
-            .await
-            .with_context(|| format!("logging in {}", user.user_id))?;
-        Ok(client)
+        sdk_login(base_url, user, "conformance rust_sdk").await
     }
 
     /// Starts the sync loop, with a timeline limit large enough that nothing is cut.

@@ -41,18 +41,9 @@ impl Drop for Device {
 impl Device {
     /// Logs `user` in as a new device on its own server and starts syncing.
     async fn login(user: &User) -> Result<Self> {
-        let client = SdkClient::builder()
-            .homeserver_url(user.ctx.base_url())
-            .build()
-            .await
-            .context("building the SDK client")?;
-        client
-            .matrix_auth()
-            .login_username(&user.localpart, &user.password)
-            .initial_device_display_name("conformance federation e2ee")
-            .send()
-            .await
-            .with_context(|| format!("logging {} in with matrix-sdk", user.user_id))?;
+        let client =
+            crate::rust_sdk::sdk_login(user.ctx.base_url(), user, "conformance federation e2ee")
+                .await?;
         let sync = tokio::spawn({
             let client = client.clone();
             async move {
