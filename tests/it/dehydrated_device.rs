@@ -133,11 +133,7 @@ async fn a_dehydrated_device_collects_room_keys_for_a_later_login() {
     let data_dir = server.data_dir.clone();
     let _temp = server.stop().await.expect("temp dir");
     let server = TestServer::start_in(data_dir, &[]).await;
-    let alice = User {
-        user_id: alice.user_id.clone(),
-        device_id: alice.device_id.clone(),
-        client: server.client().with_token(alice.client.access_token()),
-    };
+    let alice = alice.on(&server);
     let (numbers, _) = read_all(&alice, "DEHYD1").await;
     assert_eq!(numbers.len(), 106);
 

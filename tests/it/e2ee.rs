@@ -198,11 +198,7 @@ async fn to_device_messages_survive_a_restart() {
     let data_dir = server.data_dir.clone();
     let _temp = server.stop().await;
     let server = TestServer::start_in(data_dir, &[]).await;
-    let bob = User {
-        user_id: bob.user_id.clone(),
-        device_id: bob.device_id.clone(),
-        client: server.client().with_token(bob.client.access_token()),
-    };
+    let bob = bob.on(&server);
     let sync = bob.sync(Some(&start), 5_000).await;
     let events = to_device_events(&sync);
     assert_eq!(events.len(), 1, "sync: {sync}");

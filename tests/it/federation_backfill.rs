@@ -41,19 +41,6 @@ async fn start(pki: &Pki, ip: &str, extra: &[(&str, &str)]) -> TestServer {
     server
 }
 
-fn port_of(server: &TestServer) -> u16 {
-    server.server_name.rsplit(':').next().and_then(|port| port.parse().ok()).expect("a port")
-}
-
-/// The same account on a restarted server.
-fn again(user: &User, server: &TestServer) -> User {
-    User {
-        user_id: user.user_id.clone(),
-        device_id: user.device_id.clone(),
-        client: server.client().with_token(user.client.token.as_deref().expect("a token")),
-    }
-}
-
 async fn join_via(user: &User, room_id: &str, server: &str) {
     let (status, answer) = user
         .client
@@ -232,7 +219,7 @@ async fn a_gap_the_sender_cannot_fill_is_bridged_with_state_ids() {
 
     // A comes back unable to reach B (private addresses refused), so nothing it sends now
     // reaches B by its queue; it still answers B, whose keys it has stored.
-    let a_port = port_of(&a);
+    let a_port = a.port();
     let a_data = a.stop().await.expect("A's data");
     let a = start_on_port_with(
         &pki,
@@ -242,8 +229,8 @@ async fn a_gap_the_sender_cannot_fill_is_bridged_with_state_ids() {
         &[("HEARTH_FEDERATION_ALLOW_PRIVATE", "false")],
     )
     .await;
-    assert_eq!(port_of(&a), a_port);
-    let alice = again(&alice, &a);
+    assert_eq!(a.port(), a_port);
+    let alice = alice.on(&a);
     let (status, answer) =
         alice.put_state(&room_id, "m.room.name", "", json!({"name": "Renamed"})).await;
     assert_eq!(status, 200, "{answer}");

@@ -10,22 +10,8 @@ use serde_json::{Value, json};
 
 use crate::{
     federation_transport::{Pki, start_on, start_on_port},
-    harness::{TestServer, User, enc},
+    harness::{User, enc},
 };
-
-/// The port of a test server's name (`ip:port`).
-fn port_of(server: &TestServer) -> u16 {
-    server.server_name.rsplit(':').next().and_then(|port| port.parse().ok()).expect("a port")
-}
-
-/// The same account on a restarted server (new listener address, same token).
-fn again(user: &User, server: &TestServer) -> User {
-    User {
-        user_id: user.user_id.clone(),
-        device_id: user.device_id.clone(),
-        client: server.client().with_token(user.client.token.as_deref().expect("a token")),
-    }
-}
 
 /// Every message id of the room in `user`'s `/messages`, and the current state as
 /// (type, state_key) -> event id.
@@ -82,7 +68,7 @@ async fn nothing_is_lost_when_either_server_restarts() {
     let pki = Pki::new();
     let a = start_on(&pki, "127.0.0.4").await;
     let b = start_on(&pki, "127.0.0.5").await;
-    let (a_port, b_port) = (port_of(&a), port_of(&b));
+    let (a_port, b_port) = (a.port(), b.port());
     let alice = a.register("alice").await;
     let bob = b.register("bob").await;
     let room_id = alice.create_room(json!({"preset": "public_chat"})).await;
@@ -105,11 +91,11 @@ async fn nothing_is_lost_when_either_server_restarts() {
     // A goes down too, with those messages still queued for B.
     let a_data = a.stop().await.expect("A's data directory");
     let b = start_on_port(&pki, "127.0.0.5", b_port, b_data.path().to_path_buf()).await;
-    let bob = again(&bob, &b);
+    let bob = bob.on(&b);
     // B talks meanwhile: its message waits for A.
     bob.send_text(&room_id, "while A was down").await;
     let a = start_on_port(&pki, "127.0.0.4", a_port, a_data.path().to_path_buf()).await;
-    let alice = again(&alice, &a);
+    let alice = alice.on(&a);
 
     // Both queues drain after the restarts; both sides end with the same room.
     converge(&alice, &bob, &room_id, 22).await;

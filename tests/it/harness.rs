@@ -22,6 +22,11 @@ pub(crate) struct TestServer {
 }
 
 impl TestServer {
+    /// The port of the server name (`ip:port`).
+    pub(crate) fn port(&self) -> u16 {
+        self.server_name.rsplit(':').next().and_then(|port| port.parse().ok()).expect("a port")
+    }
+
     /// Starts a server with open registration on a fresh data directory.
     pub(crate) async fn start() -> Self {
         Self::start_with(&[]).await
@@ -290,6 +295,15 @@ pub(crate) fn enc(segment: &str) -> String {
 }
 
 impl User {
+    /// The same account and device on `server` (a restarted server: new address, same token).
+    pub(crate) fn on(&self, server: &TestServer) -> User {
+        User {
+            user_id: self.user_id.clone(),
+            device_id: self.device_id.clone(),
+            client: server.client().with_token(self.client.access_token()),
+        }
+    }
+
     /// Creates a room and returns its id.
     pub(crate) async fn create_room(&self, body: Value) -> String {
         let (status, answer) = self.client.post("/_matrix/client/v3/createRoom", body).await;

@@ -3,17 +3,9 @@
 
 use serde_json::json;
 
-use crate::harness::{TestServer, User, assert_ok, bodies, enc, timeline};
+use crate::harness::{TestServer, assert_ok, bodies, enc, timeline};
 
 /// Re-points a user's client at the restarted server (same token).
-fn on(server: &TestServer, user: &User) -> User {
-    User {
-        user_id: user.user_id.clone(),
-        device_id: user.device_id.clone(),
-        client: server.client().with_token(user.client.access_token()),
-    }
-}
-
 #[tokio::test]
 async fn everything_survives_a_restart() {
     let server = TestServer::start().await;
@@ -61,8 +53,8 @@ async fn everything_survives_a_restart() {
     let temp = server.stop().await.expect("temp dir handed back");
     assert_eq!(temp.path(), data_dir);
     let server = TestServer::start_in(data_dir.clone(), &[]).await;
-    let alice = on(&server, &alice);
-    let bob = on(&server, &bob);
+    let alice = alice.on(&server);
+    let bob = bob.on(&server);
 
     // Access tokens.
     let whoami = assert_ok(alice.client.get("/_matrix/client/v3/account/whoami").await);
