@@ -614,51 +614,37 @@ async fn join_as(
 }
 
 /// What sending PDUs in transactions gave: accepted, failed, and the first error seen (by the
-/// per-PDU results), when the first transaction went out, and the last PDU's id.
+/// per-PDU results), when the first transaction went out, and when the server showed the
+/// last PDU (if it did).
 struct Sent {
     accepted: usize,
     failed: usize,
     first_error: Option<String>,
     started: Instant,
-    last_id: String,
+    last_seen: Option<Instant>,
 }
 
-/// What the server under test ends up holding of what was sent: the PDUs in the room and
-/// when the last of them arrived.
-struct Settled {
-    count: usize,
-    at: Instant,
-}
-
-/// Waits until the server under test shows `event_id` (the last PDU sent) to `viewer`: an
-/// answer to `/send` may come before its PDUs are processed. A server may also drop queued
-/// PDUs (Synapse does when its queue is long) and never get them all back: then, once
-/// `count` has not grown for 30 s, what it holds is what it took, as of the last growth.
+/// How many of the sent PDUs the server under test holds, and since when: at once when it
+/// showed the last one (`last_seen`); else it may have dropped queued PDUs (Synapse does when
+/// its queue is long) and never got them all back, so what it holds once `count` has not
+/// grown for 30 s is what it took, as of the last growth.
 async fn settle<F: std::future::Future<Output = Result<usize>>>(
-    viewer: &User,
-    room_id: &str,
-    event_id: &str,
+    last_seen: Option<Instant>,
     count: impl Fn() -> F,
-) -> Result<Settled> {
+) -> Result<(usize, Instant)> {
+    if let Some(at) = last_seen {
+        return Ok((count().await?, at));
+    }
     const STALL: Duration = Duration::from_secs(30);
-    let path = room_path(room_id, &format!("/event/{}", enc(event_id)));
     let (mut last_count, mut last_growth) = (0, Instant::now());
-    let mut next_count = Instant::now();
     loop {
-        if viewer.get(&path).await?.status == 200 {
-            let at = Instant::now();
-            return Ok(Settled { count: count().await?, at });
+        let now = count().await?;
+        if now > last_count {
+            (last_count, last_growth) = (now, Instant::now());
+        } else if last_growth.elapsed() > STALL {
+            return Ok((last_count, last_growth));
         }
-        if Instant::now() >= next_count {
-            let now = count().await?;
-            if now > last_count {
-                (last_count, last_growth) = (now, Instant::now());
-            } else if last_growth.elapsed() > STALL {
-                return Ok(Settled { count: last_count, at: last_growth });
-            }
-            next_count = Instant::now() + Duration::from_secs(1);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
     }
 }
 
@@ -727,7 +713,7 @@ async fn send_pdus(
         failed: 0,
         first_error: None,
         started: Instant::now(),
-        last_id: String::new(),
+        last_seen: None,
     };
     // Every PDU is made and signed before the first transaction goes out, so the time
     // measured is the server's, not this tool's signing.
@@ -757,14 +743,12 @@ async fn send_pdus(
         let (status, answer) = peer
             .request(target.base_url, target.server_name, reqwest::Method::PUT, &path, Some(&body))
             .await?;
-        if let Some(last) = ids.last() {
-            sent.last_id = last.clone();
-        }
         ensure!(status == 200, "send transaction: {status} {}", crate::client::short(&answer));
         // The next transaction waits until the server holds this one's last PDU: a server
         // that answers before processing (Synapse) would otherwise get a queue it prunes.
         if let Some(last) = ids.last() {
-            wait_visible(viewer, &room.room_id, last, Duration::from_secs(30)).await?;
+            let seen = wait_visible(viewer, &room.room_id, last, Duration::from_secs(30)).await?;
+            sent.last_seen = seen.then(Instant::now);
         }
         for id in ids {
             match answer["pdus"].get(&id) {
@@ -803,13 +787,11 @@ pub async fn s5_federation_ingest(
     .context("sending the state events")?;
     // The time runs until the server shows the last PDU; what counts as accepted is what is
     // in the room then, whatever the per-PDU results said.
-    let settled = settle(&owner, &room.room_id, &state.last_id, || {
-        state_count(&owner, &room.room_id, STATE_TYPE)
-    })
-    .await?;
-    let state_time = settled.at - state.started;
-    state.failed += state.accepted.saturating_sub(settled.count);
-    state.accepted = state.accepted.min(settled.count);
+    let (in_room, at) =
+        settle(state.last_seen, || state_count(&owner, &room.room_id, STATE_TYPE)).await?;
+    let state_time = at - state.started;
+    state.failed += state.accepted.saturating_sub(in_room);
+    state.accepted = state.accepted.min(in_room);
     let mut messages =
         send_pdus(peer, target, &owner, &mut room, sizes.s5_messages, |room, index| {
             room.next(
@@ -821,13 +803,11 @@ pub async fn s5_federation_ingest(
         })
         .await
         .context("sending the messages")?;
-    let settled = settle(&owner, &room.room_id, &messages.last_id, || {
-        message_count(&owner, &room.room_id, "s5 ")
-    })
-    .await?;
-    let messages_time = settled.at - messages.started;
-    messages.failed += messages.accepted.saturating_sub(settled.count);
-    messages.accepted = messages.accepted.min(settled.count);
+    let (in_room, at) =
+        settle(messages.last_seen, || message_count(&owner, &room.room_id, "s5 ")).await?;
+    let messages_time = at - messages.started;
+    messages.failed += messages.accepted.saturating_sub(in_room);
+    messages.accepted = messages.accepted.min(in_room);
     // The other half: another user of the peer joins the room now that it is large; the
     // server has to hand out its whole state and auth chain.
     let started = Instant::now();

@@ -450,7 +450,8 @@ impl Rooms {
             .map_err(|error| IngestError::MissingPrevEvents(format!("state_ids: {error}")))?;
         let mut missing = Vec::new();
         for event_id in &ids {
-            if self.pdu(event_id)?.is_none() && !missing.contains(event_id) {
+            if !self.db().contains(super::PDUS, event_id.as_bytes())? && !missing.contains(event_id)
+            {
                 missing.push(event_id.clone());
             }
         }
@@ -574,14 +575,13 @@ impl Rooms {
         origin: &ServerName,
         room_id: &RoomId,
         mut to_fetch: Vec<OwnedEventId>,
-        budget: usize,
+        mut budget: usize,
         remote: &Remote,
     ) -> Result<(), IngestError> {
         if to_fetch.is_empty() {
             return Ok(());
         }
         let mut fetched: Vec<Checked> = Vec::new();
-        let mut budget = budget;
         while let Some(event_id) = to_fetch.pop() {
             if self.pdu(&event_id)?.is_some()
                 || fetched.iter().any(|checked| checked.pdu.event_id == event_id)
