@@ -210,6 +210,15 @@ struct Inner {
     limits: ingest::Limits,
 }
 
+/// The per-room async lock of `locks`, made on first use.
+fn lock_of(
+    locks: &Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
+    room_id: &RoomId,
+) -> Arc<tokio::sync::Mutex<()>> {
+    let mut locks = locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    locks.entry(room_id.to_owned()).or_default().clone()
+}
+
 /// The other servers joined to each room, kept so that a new event does not scan the room's
 /// members to find where it goes. An entry is good for the room's membership version it was
 /// read at; the version moves after every write that changes the room's joined members, so
@@ -222,7 +231,8 @@ struct RoomServers {
 #[derive(Default)]
 struct RoomServersEntry {
     version: u64,
-    servers: Option<(u64, Arc<[OwnedServerName]>)>,
+    /// Read at `version`: a membership change clears it.
+    servers: Option<Arc<[OwnedServerName]>>,
 }
 
 impl RoomServers {
@@ -234,10 +244,7 @@ impl RoomServers {
     fn get(&self, room_id: &RoomId) -> Result<Arc<[OwnedServerName]>, u64> {
         let rooms = self.lock();
         let Some(entry) = rooms.get(room_id) else { return Err(0) };
-        match &entry.servers {
-            Some((version, servers)) if *version == entry.version => Ok(servers.clone()),
-            _ => Err(entry.version),
-        }
+        entry.servers.clone().ok_or(entry.version)
     }
 
     /// Keeps `servers`, read at `version`, unless the membership moved meanwhile.
@@ -245,7 +252,7 @@ impl RoomServers {
         let mut rooms = self.lock();
         let entry = rooms.entry(room_id.to_owned()).or_default();
         if entry.version == version {
-            entry.servers = Some((version, servers));
+            entry.servers = Some(servers);
         }
     }
 
@@ -322,15 +329,11 @@ impl Rooms {
     }
 
     fn room_lock(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks =
-            self.inner.room_locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        locks.entry(room_id.to_owned()).or_default().clone()
+        lock_of(&self.inner.room_locks, room_id)
     }
 
     fn backfill_lock(&self, room_id: &RoomId) -> Arc<tokio::sync::Mutex<()>> {
-        let mut locks =
-            self.inner.backfill_locks.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        locks.entry(room_id.to_owned()).or_default().clone()
+        lock_of(&self.inner.backfill_locks, room_id)
     }
 
     /// The stored room record.
