@@ -135,6 +135,15 @@ impl EventFilter {
         true
     }
 
+    /// Whether some event of this type may pass, whoever sent it (the type filters only).
+    pub fn may_allow_type(&self, kind: &str) -> bool {
+        let excluded =
+            self.not_types.as_ref().is_some_and(|not| not.iter().any(|p| matches_pattern(p, kind)));
+        let included =
+            self.types.as_ref().is_none_or(|types| types.iter().any(|p| matches_pattern(p, kind)));
+        !excluded && included
+    }
+
     /// Whether a PDU passes.
     pub fn allows_pdu(&self, pdu: &Pdu) -> bool {
         if !self.allows(&pdu.kind.to_string(), pdu.sender.as_str()) {

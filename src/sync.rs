@@ -5,7 +5,10 @@
 //!
 //! [Syncing](https://spec.matrix.org/v1.16/client-server-api/#syncing)
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use ruma::{
     OwnedEventId, OwnedUserId, RoomId, UInt, UserId,
@@ -120,12 +123,15 @@ async fn build(
     let mut leave = Map::new();
     let (global_data, mut room_data) = state.account_data.events_since(user_id, since)?;
 
-    let mut presence_users: Vec<OwnedUserId> = vec![user_id.clone()];
+    // Presence is looked up for the members of joined rooms only when the filter can let any
+    // through.
+    let presence_wanted = filter.presence.may_allow_type("m.presence");
+    let mut presence_users: BTreeSet<OwnedUserId> = BTreeSet::from([user_id.clone()]);
     // Device list tracking: users whose keys changed, or whom the user newly shares a room
     // with, are `changed`; those the user no longer shares any room with are `left`.
     // [Tracking the device list](https://spec.matrix.org/v1.16/client-server-api/#tracking-the-device-list-for-a-user)
-    let mut devices_changed: Vec<OwnedUserId> = Vec::new();
-    let mut devices_left: Vec<OwnedUserId> = Vec::new();
+    let mut devices_changed: BTreeSet<OwnedUserId> = BTreeSet::new();
+    let mut devices_left: BTreeSet<OwnedUserId> = BTreeSet::new();
     for (room_id, record) in state.rooms.rooms_of_user(user_id)? {
         if !filter.room.allows_room(&room_id) || record.position > position {
             continue;
@@ -133,26 +139,23 @@ async fn build(
         let newly = since.is_none_or(|since| record.position > since);
         match record.membership.as_str() {
             "join" => {
-                for member in state.rooms.joined_members(&room_id)? {
-                    if !presence_users.contains(&member) {
-                        presence_users.push(member);
-                    }
+                let members = state.rooms.members(&room_id)?;
+                if presence_wanted {
+                    presence_users.extend(members.joined.iter().cloned());
                 }
                 if let Some(since) = since {
-                    for (member, member_record) in state.rooms.members(&room_id)? {
+                    for (member, member_record) in &members.all {
                         let joined = member_record.membership == "join";
-                        if member == *user_id || !newly && member_record.position <= since {
+                        if member == user_id || !newly && member_record.position <= since {
                             continue;
                         }
                         if joined {
-                            if !devices_changed.contains(&member) {
-                                devices_changed.push(member);
-                            }
+                            devices_changed.insert(member.clone());
                         } else if !newly
-                            && !state.rooms.share_a_room(user_id, &member)?
-                            && !devices_left.contains(&member)
+                            && !devices_left.contains(member)
+                            && !state.rooms.share_a_room(user_id, member)?
                         {
-                            devices_left.push(member);
+                            devices_left.insert(member.clone());
                         }
                     }
                 }
@@ -184,11 +187,11 @@ async fn build(
                                 || removed_by_other(state, user_id, &record)?)) =>
             {
                 if since.is_some() {
-                    for member in state.rooms.joined_members(&room_id)? {
-                        if !state.rooms.share_a_room(user_id, &member)?
-                            && !devices_left.contains(&member)
+                    for member in &state.rooms.members(&room_id)?.joined {
+                        if !devices_left.contains(member)
+                            && !state.rooms.share_a_room(user_id, member)?
                         {
-                            devices_left.push(member);
+                            devices_left.insert(member.clone());
                         }
                     }
                 }
@@ -219,7 +222,7 @@ async fn build(
             if !devices_changed.contains(&changed_user)
                 && state.rooms.share_a_room(user_id, &changed_user)?
             {
-                devices_changed.push(changed_user);
+                devices_changed.insert(changed_user);
             }
         }
     }
@@ -321,17 +324,13 @@ fn state_section(
     upper: u64,
     full_state: bool,
 ) -> Result<Vec<Value>, ApiError> {
-    let start_snapshot = match timeline.events.first() {
-        Some((_, meta)) => meta.state_before,
-        None => state.rooms.snapshot_at_position(room_id, upper)?,
-    };
-    let at_start = state.rooms.state_at(start_snapshot)?;
-    let wanted: BTreeMap<(String, String), OwnedEventId> = match room_since {
+    let since_snapshot = match room_since {
         Some(since) if !full_state => {
             let since_snapshot = state.rooms.snapshot_at_position(room_id, since)?;
             // A whole timeline that goes on from `since` says itself what changed, unless its
             // first event does not follow on from the state at `since`: a gap in the DAG
-            // bridged with the state another server gave (`state_ids`).
+            // bridged with the state another server gave (`state_ids`). Checked before any
+            // state is loaded: this is what almost every incremental sync finds.
             if !timeline.limited
                 && timeline
                     .events
@@ -340,6 +339,17 @@ fn state_section(
             {
                 return Ok(Vec::new());
             }
+            Some(since_snapshot)
+        }
+        _ => None,
+    };
+    let start_snapshot = match timeline.events.first() {
+        Some((_, meta)) => meta.state_before,
+        None => state.rooms.snapshot_at_position(room_id, upper)?,
+    };
+    let at_start = state.rooms.state_at(start_snapshot)?;
+    let wanted: BTreeMap<(String, String), OwnedEventId> = match since_snapshot {
+        Some(since_snapshot) => {
             let before = state.rooms.state_at(since_snapshot)?;
             at_start
                 .into_iter()
@@ -492,13 +502,14 @@ async fn joined_room(
     let (notification_count, highlight_count) =
         unread_counts(state, &auth.user_id, room_id, upper, ruleset).await?;
     let members = state.rooms.members(room_id)?;
-    let joined = members.iter().filter(|(_, record)| record.membership == "join").count();
-    let invited = members.iter().filter(|(_, record)| record.membership == "invite").count();
+    let joined = members.joined.len();
+    let invited = members.all.iter().filter(|(_, record)| record.membership == "invite").count();
     let mut summary = json!({"m.joined_member_count": joined, "m.invited_member_count": invited});
     if state.rooms.current_state_event_id(room_id, "m.room.name", "")?.is_none()
         && state.rooms.current_state_event_id(room_id, "m.room.canonical_alias", "")?.is_none()
     {
         let heroes: Vec<&OwnedUserId> = members
+            .all
             .iter()
             .filter(|(user_id, record)| {
                 *user_id != auth.user_id
@@ -619,7 +630,7 @@ async fn unread_counts(
         .current_state_content(room_id, "m.room.member", user_id.as_str())?
         .and_then(|content| content.get("displayname").and_then(Value::as_str).map(str::to_owned))
         .unwrap_or_else(|| user_id.localpart().to_owned());
-    let member_count = state.rooms.joined_members(room_id)?.len() as u64;
+    let member_count = state.rooms.joined_member_count(room_id)? as u64;
     let fingerprint = UnreadFingerprint {
         read_position,
         ruleset: ruleset.fingerprint.clone(),

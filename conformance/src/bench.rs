@@ -12,7 +12,7 @@
 //!   fills it with state, and sends messages in transactions of 50; PDUs accepted per second.
 //! - S6 state resolution: criterion benches in the workspace (`benches/state_res.rs`); the
 //!   binary runs them and reads criterion's estimates.
-//! - S7 disk: database bytes per message sent.
+//! - S7 disk: database bytes per message sent, read at rest (after a graceful restart).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -27,6 +27,7 @@ use tokio::sync::Mutex;
 use ruma::{CanonicalJsonObject, RoomVersionId};
 
 use crate::client::{Ctx, User, enc, room_path, v3};
+use crate::launcher::Launched;
 use crate::peer::{self, Peer};
 
 /// Which way a figure is better.
@@ -408,15 +409,18 @@ pub async fn s3_initial_sync(ctx: &Ctx, sizes: &Sizes) -> Result<Vec<Figure>> {
     Ok(figures)
 }
 
-/// S7: database bytes per message.
-pub async fn s7_disk(ctx: &Ctx, sizes: &Sizes, database: &Path) -> Result<Vec<Figure>> {
+/// S7: database bytes per message, at rest: the server is stopped gracefully and started
+/// again before each reading, so what is counted is what the database keeps (RocksDB's
+/// compressed tables, SQLite's file after its write-ahead log is checkpointed), not a
+/// write-ahead log or a memtable of the moment.
+pub async fn s7_disk(ctx: &Ctx, sizes: &Sizes, launched: &mut Launched) -> Result<Vec<Figure>> {
     let owner = ctx.user_named("s7owner").await?;
     let others = users(ctx, "s7sender", 9).await?;
     let room_id = room_with(&owner, &others).await?;
     let mut all = vec![owner];
     all.extend(others);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let before = database_bytes(database)?;
+    launched.restart().await?;
+    let before = database_bytes(&launched.database_dir)?;
     let per_sender = sizes.s7_messages / all.len();
     let body = "The quick brown fox jumps over the lazy dog, a message of about a hundred bytes.";
     let results: Vec<Result<()>> = stream::iter(all.iter())
@@ -435,8 +439,8 @@ pub async fn s7_disk(ctx: &Ctx, sizes: &Sizes, database: &Path) -> Result<Vec<Fi
     for result in results {
         result?;
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let after = database_bytes(database)?;
+    launched.restart().await?;
+    let after = database_bytes(&launched.database_dir)?;
     let sent = (per_sender * all.len()) as f64;
     Ok(vec![Figure::new(
         "S7",

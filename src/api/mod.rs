@@ -16,7 +16,11 @@ use axum::{
     http::{Method, header},
 };
 use tower_http::{
-    compression::CompressionLayer,
+    CompressionLevel,
+    compression::{
+        CompressionLayer,
+        predicate::{DefaultPredicate, Predicate as _, SizeAbove},
+    },
     cors::{Any, CorsLayer},
     trace::TraceLayer,
 };
@@ -58,6 +62,9 @@ pub struct AppState {
     pub remote: Remote,
 }
 
+/// Answers smaller than this are not compressed.
+const COMPRESS_ABOVE_BYTES: u16 = 2048;
+
 /// The whole HTTP application.
 pub fn router(state: AppState) -> Router {
     let cors = CorsLayer::new()
@@ -76,7 +83,15 @@ pub fn router(state: AppState) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::extract::DefaultBodyLimit::max(max_request_bytes))
-        .layer(CompressionLayer::new().gzip(true))
+        // Small answers (most `/sync` long polls, sends, receipts) go out as they are: gzip
+        // would cost more time than the bytes it saves on them. Larger ones are compressed at
+        // the fastest level.
+        .layer(
+            CompressionLayer::new()
+                .gzip(true)
+                .quality(CompressionLevel::Fastest)
+                .compress_when(DefaultPredicate::new().and(SizeAbove::new(COMPRESS_ABOVE_BYTES))),
+        )
         .layer(cors)
         .layer(TraceLayer::new_for_http())
         .with_state(state)

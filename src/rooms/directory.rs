@@ -258,7 +258,7 @@ impl Rooms {
         let join_rule = text("m.room.join_rules", "join_rule")?.unwrap_or(json!("invite"));
         let mut chunk = json!({
             "room_id": room_id,
-            "num_joined_members": self.joined_members(room_id)?.len(),
+            "num_joined_members": self.joined_member_count(room_id)?,
             "world_readable": text("m.room.history_visibility", "history_visibility")? == Some(json!("world_readable")),
             "guest_can_join": text("m.room.guest_access", "guest_access")? == Some(json!("can_join")),
             "join_rule": join_rule,

@@ -560,7 +560,7 @@ impl Rooms {
     ) -> Result<(), IngestError> {
         let mut to_fetch: Vec<OwnedEventId> = Vec::new();
         for event_id in &pdu.auth_events {
-            if self.pdu(event_id)?.is_none() {
+            if !self.has_pdu(event_id)? {
                 to_fetch.push(event_id.clone());
             }
         }
@@ -583,7 +583,7 @@ impl Rooms {
         }
         let mut fetched: Vec<Checked> = Vec::new();
         while let Some(event_id) = to_fetch.pop() {
-            if self.pdu(&event_id)?.is_some()
+            if self.has_pdu(&event_id)?
                 || fetched.iter().any(|checked| checked.pdu.event_id == event_id)
             {
                 continue;
@@ -603,7 +603,7 @@ impl Rooms {
                 )));
             }
             for auth_id in &checked.pdu.auth_events {
-                if self.pdu(auth_id)?.is_none() {
+                if !self.has_pdu(auth_id)? {
                     to_fetch.push(auth_id.clone());
                 }
             }
@@ -612,7 +612,7 @@ impl Rooms {
         // Store them oldest first: each once all its auth events are stored.
         while !fetched.is_empty() {
             let ready = fetched.iter().position(|checked| {
-                checked.pdu.auth_events.iter().all(|id| self.pdu(id).ok().flatten().is_some())
+                checked.pdu.auth_events.iter().all(|id| self.has_pdu(id).unwrap_or(false))
             });
             let Some(index) = ready else {
                 return Err(IngestError::MissingAuthEvents("auth events form no chain".into()));
@@ -630,7 +630,7 @@ impl Rooms {
     /// PDU and short id, no metadata, no timeline row. The caller has checked it; the criterion
     /// benches (`benches/state_res.rs`) use this to lay out generated forks.
     pub fn store_outlier(&self, pdu: &Pdu) -> Result<(), RoomError> {
-        if self.pdu(&pdu.event_id)?.is_some() {
+        if self.has_pdu(&pdu.event_id)? {
             return Ok(());
         }
         let db = self.db();
@@ -647,22 +647,29 @@ impl Rooms {
         pdu: &Pdu,
         rules: &RoomVersionRules,
     ) -> Result<(), String> {
+        // Each auth event is read and parsed once, for both halves of the check.
+        let listed: Vec<Arc<Pdu>> = pdu
+            .auth_events
+            .iter()
+            .filter_map(|event_id| self.pdu(event_id).ok().flatten().map(Arc::new))
+            .collect();
         ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
-            self.pdu(id).ok().flatten()
+            match listed.iter().find(|event| event.event_id == id) {
+                Some(event) => Some(event.clone()),
+                None => self.pdu(id).ok().flatten().map(Arc::new),
+            }
         })?;
-        let mut auth_state: HashMap<(StateEventType, String), Pdu> = HashMap::new();
-        for event_id in &pdu.auth_events {
-            if let Some(event) = self.pdu(event_id).ok().flatten()
-                && let Some(pair) = event.state_pair()
-            {
-                auth_state.insert(pair, event);
+        let mut auth_state: HashMap<(StateEventType, String), Arc<Pdu>> = HashMap::new();
+        for event in &listed {
+            if let Some(pair) = event.state_pair() {
+                auth_state.insert(pair, event.clone());
             }
         }
         // Since room version 12 the create event is not listed: the room id names it.
         if rules.authorization.room_create_event_id_as_room_id
             && let Some(create) = self.create_event_of(&pdu.room_id)
         {
-            auth_state.insert((StateEventType::RoomCreate, String::new()), create);
+            auth_state.insert((StateEventType::RoomCreate, String::new()), Arc::new(create));
         }
         ruma::state_res::check_state_dependent_auth_rules(
             &rules.authorization,

@@ -94,7 +94,8 @@ pub struct RoomRecord {
     pub last_position: u64,
 }
 
-/// What we keep about an event besides its PDU.
+/// What we keep about an event besides its PDU. Fields at their default (none, false) are
+/// not written, so the common row stays short; reading fills them back in.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct EventMeta {
     /// The room.
@@ -104,29 +105,36 @@ pub struct EventMeta {
     /// Its short id.
     pub short: u64,
     /// The state snapshot before it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_before: Option<u64>,
     /// The state snapshot after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state_after: Option<u64>,
     /// The device and transaction id it was sent with, for `unsigned.transaction_id`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transaction: Option<(String, String)>,
     /// The redaction that redacted it, if any.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redacted_by: Option<OwnedEventId>,
     /// A remote event that passed the auth rules at its place in the DAG but not against the
     /// room's current state: stored, but neither in the timeline nor a forward extremity
     /// ([soft failure](https://spec.matrix.org/v1.16/server-server-api/#soft-failure)).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub soft_failed: bool,
     /// The room's current state after this event was accepted, when it differs from
     /// `state_after` (the DAG had other forward extremities whose state was resolved in).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_after: Option<u64>,
     /// A state event learnt from a resident server's answer when this server joined: shown
     /// to clients as room state, but with no state of its own here (its state is not known),
     /// so it counts as missing when a later event names it as a prev event.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_false")]
     pub outlier: bool,
+}
+
+/// Fields that are false in almost every row are left out of it (see [`EventMeta`]).
+fn is_false(value: &bool) -> bool {
+    !*value
 }
 
 /// A user's membership in a room, as indexed for lookups.
@@ -206,7 +214,7 @@ struct Inner {
     backfill_locks: Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
     snapshots: state::SnapshotCache,
     outbox: Outbox,
-    room_servers: RoomServers,
+    members: MemberCache,
     limits: ingest::Limits,
 }
 
@@ -219,48 +227,65 @@ fn lock_of(
     locks.entry(room_id.to_owned()).or_default().clone()
 }
 
-/// The other servers joined to each room, kept so that a new event does not scan the room's
-/// members to find where it goes. An entry is good for the room's membership version it was
-/// read at; the version moves after every write that changes the room's joined members, so
-/// an answer read while such a write was under way is never kept past it.
+/// Each room's members and the other servers joined to it, kept so that neither a new event
+/// (where it goes) nor a `/sync` (device lists, summaries, counts) scans the room's member rows.
+/// An entry is good for the room's membership version it was read at; the version moves after
+/// every committed write that changes a member event of the room, so an answer read while such
+/// a write was under way is never kept past it.
 #[derive(Default)]
-struct RoomServers {
-    rooms: Mutex<HashMap<OwnedRoomId, RoomServersEntry>>,
+struct MemberCache {
+    rooms: Mutex<HashMap<OwnedRoomId, MemberCacheEntry>>,
 }
 
 #[derive(Default)]
-struct RoomServersEntry {
+struct MemberCacheEntry {
     version: u64,
-    /// Read at `version`: a membership change clears it.
+    /// Read at `version`: a membership change clears both.
+    members: Option<Arc<RoomMembers>>,
     servers: Option<Arc<[OwnedServerName]>>,
 }
 
-impl RoomServers {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OwnedRoomId, RoomServersEntry>> {
+/// A room's members (every membership) as its current state has them.
+#[derive(Debug, Default)]
+pub struct RoomMembers {
+    /// Every member with a member event in the current state, in user id order.
+    pub all: Vec<(OwnedUserId, MembershipRecord)>,
+    /// The joined ones among them, in the same order.
+    pub joined: Vec<OwnedUserId>,
+}
+
+impl MemberCache {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OwnedRoomId, MemberCacheEntry>> {
         self.rooms.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The kept servers if they are current, else the version a fresh read belongs to.
-    fn get(&self, room_id: &RoomId) -> Result<Arc<[OwnedServerName]>, u64> {
+    /// What `pick` finds in the room's entry if it is kept, else the version a fresh read
+    /// belongs to.
+    fn get<T: Clone>(
+        &self,
+        room_id: &RoomId,
+        pick: impl FnOnce(&MemberCacheEntry) -> Option<T>,
+    ) -> Result<T, u64> {
         let rooms = self.lock();
         let Some(entry) = rooms.get(room_id) else { return Err(0) };
-        entry.servers.clone().ok_or(entry.version)
+        pick(entry).ok_or(entry.version)
     }
 
-    /// Keeps `servers`, read at `version`, unless the membership moved meanwhile.
-    fn put(&self, room_id: &RoomId, version: u64, servers: Arc<[OwnedServerName]>) {
+    /// Lets `put` keep a fresh read made at `version`, unless the membership moved meanwhile.
+    fn put(&self, room_id: &RoomId, version: u64, put: impl FnOnce(&mut MemberCacheEntry)) {
         let mut rooms = self.lock();
         let entry = rooms.entry(room_id.to_owned()).or_default();
         if entry.version == version {
-            entry.servers = Some(servers);
+            put(entry);
         }
     }
 
-    /// Called after a write that changed the room's joined members has been committed.
+    /// Called after a write that changed a member event of the room has been committed.
     fn membership_changed(&self, room_id: &RoomId) {
         let mut rooms = self.lock();
         let entry = rooms.entry(room_id.to_owned()).or_default();
         entry.version = entry.version.wrapping_add(1);
+        entry.members = None;
         entry.servers = None;
     }
 }
@@ -308,7 +333,7 @@ impl Rooms {
                 backfill_locks: Mutex::new(HashMap::new()),
                 snapshots: state::SnapshotCache::default(),
                 outbox,
-                room_servers: RoomServers::default(),
+                members: MemberCache::default(),
                 limits,
             }),
         }
@@ -358,10 +383,17 @@ impl Rooms {
 
     /// A PDU by id.
     pub fn pdu(&self, event_id: &EventId) -> Result<Option<Pdu>, RoomError> {
-        let Some(bytes) = self.db().get_raw(PDUS, event_id.as_bytes())? else { return Ok(None) };
-        let json: CanonicalJsonObject = serde_json::from_slice(&bytes)
-            .map_err(|error| pdu::PduError(format!("stored PDU {event_id}: {error}")))?;
-        Ok(Some(Pdu::from_json(event_id.to_owned(), json)?))
+        let parsed = self
+            .db()
+            .read(PDUS, event_id.as_bytes(), |bytes| Pdu::from_slice(event_id.to_owned(), bytes))?;
+        parsed
+            .transpose()
+            .map_err(|error| pdu::PduError(format!("stored PDU {event_id}: {}", error.0)).into())
+    }
+
+    /// Whether the PDU of an event is stored (as an outlier or in the timeline).
+    pub fn has_pdu(&self, event_id: &EventId) -> Result<bool, RoomError> {
+        Ok(self.db().contains(PDUS, event_id.as_bytes())?)
     }
 
     /// An event's metadata.
@@ -472,50 +504,58 @@ impl Rooms {
             .collect())
     }
 
-    /// Every member (any membership) of a room, from the current state.
-    pub fn members(
-        &self,
-        room_id: &RoomId,
-    ) -> Result<Vec<(OwnedUserId, MembershipRecord)>, RoomError> {
+    /// Every member (any membership) of a room, from the current state; kept between
+    /// membership changes.
+    pub fn members(&self, room_id: &RoomId) -> Result<Arc<RoomMembers>, RoomError> {
+        let version = match self.inner.members.get(room_id, |entry| entry.members.clone()) {
+            Ok(members) => return Ok(members),
+            Err(version) => version,
+        };
         let prefix = keys::prefix(&[room_id.as_bytes()]);
-        let mut members = Vec::new();
+        let mut members = RoomMembers::default();
         for (key, value) in self.db().scan_prefix(ROOM_USERS, &prefix)? {
             let Ok(user_id) =
                 OwnedUserId::try_from(String::from_utf8_lossy(&key[prefix.len()..]).into_owned())
             else {
                 continue;
             };
-            if let Ok(record) = serde_json::from_slice(&value) {
-                members.push((user_id, record));
+            if let Ok(record) = serde_json::from_slice::<MembershipRecord>(&value) {
+                if record.membership == "join" {
+                    members.joined.push(user_id.clone());
+                }
+                members.all.push((user_id, record));
             }
         }
+        let members = Arc::new(members);
+        self.inner.members.put(room_id, version, |entry| entry.members = Some(members.clone()));
         Ok(members)
     }
 
     /// Joined members of a room.
     pub fn joined_members(&self, room_id: &RoomId) -> Result<Vec<OwnedUserId>, RoomError> {
-        Ok(self
-            .members(room_id)?
-            .into_iter()
-            .filter(|(_, record)| record.membership == "join")
-            .map(|(user_id, _)| user_id)
-            .collect())
+        Ok(self.members(room_id)?.joined.clone())
+    }
+
+    /// How many users are joined to a room.
+    pub fn joined_member_count(&self, room_id: &RoomId) -> Result<usize, RoomError> {
+        Ok(self.members(room_id)?.joined.len())
     }
 
     /// The other servers with a user joined to the room: where its new events go.
     pub fn servers_in_room(&self, room_id: &RoomId) -> Result<Vec<OwnedServerName>, RoomError> {
-        let version = match self.inner.room_servers.get(room_id) {
+        let version = match self.inner.members.get(room_id, |entry| entry.servers.clone()) {
             Ok(servers) => return Ok(servers.to_vec()),
             Err(version) => version,
         };
         let mut servers: Vec<OwnedServerName> = Vec::new();
-        for user_id in self.joined_members(room_id)? {
+        for user_id in &self.members(room_id)?.joined {
             let server = user_id.server_name();
             if server != self.server_name() && !servers.iter().any(|known| known == server) {
                 servers.push(server.to_owned());
             }
         }
-        self.inner.room_servers.put(room_id, version, servers.clone().into());
+        let kept: Arc<[OwnedServerName]> = servers.clone().into();
+        self.inner.members.put(room_id, version, |entry| entry.servers = Some(kept));
         Ok(servers)
     }
 
@@ -536,16 +576,18 @@ impl Rooms {
         Ok(servers)
     }
 
-    /// Forgets the kept servers of a room after a committed write changed its joined members.
+    /// Forgets the kept members and servers of a room after a committed write changed one of
+    /// its member events.
     pub(crate) fn room_membership_changed(&self, room_id: &RoomId) {
-        self.inner.room_servers.membership_changed(room_id);
+        self.inner.members.membership_changed(room_id);
     }
 
     /// Whether a user of this server is joined to the room: then our copy of it is current
     /// and local events can be built on it.
     pub fn has_local_member(&self, room_id: &RoomId) -> Result<bool, RoomError> {
         Ok(self
-            .joined_members(room_id)?
+            .members(room_id)?
+            .joined
             .iter()
             .any(|user_id| user_id.server_name() == self.server_name()))
     }

@@ -87,6 +87,24 @@ impl Pdu {
         let value = serde_json::to_value(&json).map_err(|error| PduError(error.to_string()))?;
         let fields: Fields =
             serde_json::from_value(value).map_err(|error| PduError(error.to_string()))?;
+        Self::from_fields(event_id, fields, json)
+    }
+
+    /// Parses a signed PDU from its JSON text (as stored): the fields and the canonical object
+    /// are each read straight from the bytes, so the content is never re-serialised.
+    pub fn from_slice(event_id: OwnedEventId, bytes: &[u8]) -> Result<Self, PduError> {
+        let fields: Fields =
+            serde_json::from_slice(bytes).map_err(|error| PduError(error.to_string()))?;
+        let json: CanonicalJsonObject =
+            serde_json::from_slice(bytes).map_err(|error| PduError(error.to_string()))?;
+        Self::from_fields(event_id, fields, json)
+    }
+
+    fn from_fields(
+        event_id: OwnedEventId,
+        fields: Fields,
+        json: CanonicalJsonObject,
+    ) -> Result<Self, PduError> {
         let redacts = fields.redacts.or_else(|| {
             #[derive(Deserialize)]
             struct Redacts {

@@ -4,6 +4,10 @@
 //! makes a new snapshot holding only its change and a pointer to the previous one; every
 //! [`FULL_EVERY`] deltas a full copy is written so that loading never walks a long chain.
 //! Events point at the snapshot before and after them.
+//!
+//! In memory a full map is a persistent hash map ([`imbl`]): the map after a state event
+//! shares all but the changed path with the map before it, so adding an event to a room of
+//! tens of thousands of state events neither copies them nor keeps a second copy cached.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -23,7 +27,7 @@ const STATE_KEY_TO_SHORT: &str = "state_key_to_short";
 const SHORT_TO_STATE_KEY: &str = "short_to_state_key";
 
 /// A full state map: short state key -> short event id.
-pub type ShortState = HashMap<u64, u64>;
+pub type ShortState = imbl::HashMap<u64, u64>;
 
 #[derive(Serialize, Deserialize)]
 struct Snapshot {

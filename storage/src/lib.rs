@@ -250,17 +250,25 @@ impl Db {
         table: &str,
         key: &[u8],
     ) -> Result<Option<T>> {
-        match self.get_raw(table, key)? {
-            None => Ok(None),
-            Some(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| Error::Corrupt { table: table.to_owned(), source }),
-        }
+        self.read(table, key, |bytes| serde_json::from_slice(bytes))?
+            .transpose()
+            .map_err(|source| Error::Corrupt { table: table.to_owned(), source })
+    }
+
+    /// Reads a value in place (not copied out of RocksDB) and hands it to `decode`.
+    pub fn read<T>(
+        &self,
+        table: &str,
+        key: &[u8],
+        decode: impl FnOnce(&[u8]) -> T,
+    ) -> Result<Option<T>> {
+        Ok(self.inner.rocks.get_pinned_cf(&self.table(table)?, key)?.map(|bytes| decode(&bytes)))
     }
 
     /// Whether a key exists.
     pub fn contains(&self, table: &str, key: &[u8]) -> Result<bool> {
-        Ok(self.get_raw(table, key)?.is_some())
+        // Pinned: the value is looked at in place, not copied out.
+        Ok(self.inner.rocks.get_pinned_cf(&self.table(table)?, key)?.is_some())
     }
 
     /// All entries whose key starts with `prefix`, in key order.
