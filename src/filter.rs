@@ -112,14 +112,7 @@ fn matches_pattern_rest(pattern: &str, value: &str) -> bool {
 impl EventFilter {
     /// Whether an event of this type and sender passes.
     pub fn allows(&self, kind: &str, sender: &str) -> bool {
-        if let Some(not_types) = &self.not_types
-            && not_types.iter().any(|pattern| matches_pattern(pattern, kind))
-        {
-            return false;
-        }
-        if let Some(types) = &self.types
-            && !types.iter().any(|pattern| matches_pattern(pattern, kind))
-        {
+        if !self.may_allow_type(kind) {
             return false;
         }
         if let Some(not_senders) = &self.not_senders
