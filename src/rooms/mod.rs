@@ -614,7 +614,7 @@ impl Rooms {
             &mut batch,
             &destinations,
             OutboundKind::Pdu,
-            &peers::to_value(&pdu.json),
+            &peers::to_value(pdu.json()?),
         )?;
         self.db().write(batch)?;
         outbox.wake(&destinations);
@@ -707,7 +707,7 @@ impl Rooms {
             match rules.events_reference_format {
                 EventsReferenceFormatVersion::V1 => {
                     let pdu = self.pdu(event_id)?.ok_or(RoomError::EventNotFound)?;
-                    let hash = ruma::signatures::reference_hash(&pdu.json, &rules)
+                    let hash = ruma::signatures::reference_hash(pdu.json()?, &rules)
                         .map_err(|error| RoomError::BadEvent(error.to_string()))?;
                     Ok(json!([event_id, {"sha256": hash}]))
                 }
@@ -818,6 +818,10 @@ impl Rooms {
         transaction: Option<Transaction>,
     ) -> Result<Appended, RoomError> {
         let destinations = self.destinations_of(&pdu)?;
+        let outbound = match destinations.is_empty() {
+            true => None,
+            false => Some(peers::to_value(pdu.json()?)),
+        };
         let (position, ()) = self.db().write_at_next_position(|position, batch| {
             self.persist(
                 batch,
@@ -826,9 +830,8 @@ impl Rooms {
                 position,
                 transaction.as_ref().map(|txn| (sender, txn)),
             )?;
-            if !destinations.is_empty() {
-                let json = peers::to_value(&pdu.json);
-                self.inner.outbox.queue_in_batch(batch, &destinations, OutboundKind::Pdu, &json)?;
+            if let Some(json) = &outbound {
+                self.inner.outbox.queue_in_batch(batch, &destinations, OutboundKind::Pdu, json)?;
             }
             Ok(())
         })?;
@@ -981,7 +984,7 @@ impl Rooms {
         batch.put_raw(
             PDUS,
             pdu.event_id.as_bytes(),
-            &serde_json::to_vec(&pdu.json).map_err(storage::Error::Encode)?,
+            pdu.signed_text().map_err(storage::Error::Encode)?.as_bytes(),
         )?;
         batch.put_raw("event_id_to_short", pdu.event_id.as_bytes(), &keys::encode_u64(short))?;
         batch.put_raw("short_to_event_id", &keys::encode_u64(short), pdu.event_id.as_bytes())?;

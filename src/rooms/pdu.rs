@@ -8,6 +8,8 @@ use ruma::{
     OwnedUserId, RoomId, RoomVersionId, UserId,
     events::{StateEventType, TimelineEventType},
 };
+use std::{borrow::Cow, sync::OnceLock};
+
 use serde::Deserialize;
 use serde_json::{Value, value::RawValue as RawJsonValue};
 
@@ -36,8 +38,20 @@ pub struct Pdu {
     pub depth: u64,
     /// What a redaction redacts (top-level before room version 11, in `content` since).
     pub redacts: Option<OwnedEventId>,
-    /// The signed PDU exactly as stored and sent to peers.
-    pub json: CanonicalJsonObject,
+    /// Whether the signed JSON has a `room_id` (a version 12 create event has none).
+    has_room_id: bool,
+    /// The signed PDU exactly as stored and sent to peers: see [`Pdu::json`].
+    signed: Signed,
+}
+
+/// The signed JSON of a PDU: the object, when the PDU was built from one, or else the stored
+/// text, parsed into the object only the first time something needs it (federation, hashes,
+/// redaction). Most reads (`/sync`, auth checks, state resolution) need only the parsed fields,
+/// and building and freeing the object of every event they read was most of their cost.
+#[derive(Clone, Debug)]
+enum Signed {
+    Object(CanonicalJsonObject),
+    Stored { text: Box<str>, object: OnceLock<CanonicalJsonObject> },
 }
 
 /// Why a PDU could not be parsed.
@@ -87,23 +101,65 @@ impl Pdu {
         let value = serde_json::to_value(&json).map_err(|error| PduError(error.to_string()))?;
         let fields: Fields =
             serde_json::from_value(value).map_err(|error| PduError(error.to_string()))?;
-        Self::from_fields(event_id, fields, json)
+        Self::from_fields(event_id, fields, Signed::Object(json))
     }
 
-    /// Parses a signed PDU from its JSON text (as stored): the fields and the canonical object
-    /// are each read straight from the bytes, so the content is never re-serialised.
+    /// Parses a signed PDU from its JSON text (as stored). Only the fields are parsed; the
+    /// text is kept for [`Pdu::json`].
     pub fn from_slice(event_id: OwnedEventId, bytes: &[u8]) -> Result<Self, PduError> {
+        let text = std::str::from_utf8(bytes).map_err(|error| PduError(error.to_string()))?;
         let fields: Fields =
-            serde_json::from_slice(bytes).map_err(|error| PduError(error.to_string()))?;
-        let json: CanonicalJsonObject =
-            serde_json::from_slice(bytes).map_err(|error| PduError(error.to_string()))?;
-        Self::from_fields(event_id, fields, json)
+            serde_json::from_str(text).map_err(|error| PduError(error.to_string()))?;
+        Self::from_fields(
+            event_id,
+            fields,
+            Signed::Stored { text: text.into(), object: OnceLock::new() },
+        )
+    }
+
+    /// The signed PDU exactly as stored and sent to peers, parsed from the stored text the
+    /// first time it is asked for.
+    pub fn json(&self) -> Result<&CanonicalJsonObject, PduError> {
+        match &self.signed {
+            Signed::Object(object) => Ok(object),
+            Signed::Stored { text, object } => {
+                if let Some(object) = object.get() {
+                    return Ok(object);
+                }
+                let parsed = Self::parse_signed(text)?;
+                Ok(object.get_or_init(|| parsed))
+            }
+        }
+    }
+
+    /// The signed PDU as an owned object (see [`Pdu::json`]).
+    pub fn into_json(self) -> Result<CanonicalJsonObject, PduError> {
+        match self.signed {
+            Signed::Object(object) => Ok(object),
+            Signed::Stored { text, object } => match object.into_inner() {
+                Some(object) => Ok(object),
+                None => Self::parse_signed(&text),
+            },
+        }
+    }
+
+    /// The signed PDU as text, for storing: the text it was read from, else the object
+    /// serialised.
+    pub fn signed_text(&self) -> Result<Cow<'_, str>, serde_json::Error> {
+        match &self.signed {
+            Signed::Object(object) => serde_json::to_string(object).map(Cow::Owned),
+            Signed::Stored { text, .. } => Ok(Cow::Borrowed(text)),
+        }
+    }
+
+    fn parse_signed(text: &str) -> Result<CanonicalJsonObject, PduError> {
+        serde_json::from_str(text).map_err(|error| PduError(format!("signed JSON: {error}")))
     }
 
     fn from_fields(
         event_id: OwnedEventId,
         fields: Fields,
-        json: CanonicalJsonObject,
+        signed: Signed,
     ) -> Result<Self, PduError> {
         let redacts = fields.redacts.or_else(|| {
             #[derive(Deserialize)]
@@ -115,6 +171,7 @@ impl Pdu {
                 .and_then(|content| content.redacts)
         });
         // Since room version 12 the create event has no room id: the room id is derived from it.
+        let has_room_id = fields.room_id.is_some();
         let room_id = match fields.room_id {
             Some(room_id) => room_id,
             None if fields.kind == TimelineEventType::RoomCreate => {
@@ -135,7 +192,8 @@ impl Pdu {
             auth_events: event_refs(fields.auth_events)?,
             depth: fields.depth,
             redacts,
-            json,
+            has_room_id,
+            signed,
         })
     }
 
@@ -241,7 +299,7 @@ impl ruma::state_res::Event for Pdu {
     }
     fn room_id(&self) -> Option<&RoomId> {
         // A version 12 create event carries no room id; its room id is derived from it.
-        self.json.contains_key("room_id").then_some(&*self.room_id)
+        self.has_room_id.then_some(&*self.room_id)
     }
     fn sender(&self) -> &UserId {
         &self.sender

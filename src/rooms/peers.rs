@@ -177,12 +177,12 @@ impl Rooms {
         if meta.is_some_and(|meta| meta.redacted_by.is_some()) {
             let rules = federation::signing::rules_for(&self.room_version(&pdu.room_id)?)?;
             if let Ok(redacted) =
-                ruma::canonical_json::redact(pdu.json.clone(), &rules.redaction, None)
+                ruma::canonical_json::redact(pdu.json()?.clone(), &rules.redaction, None)
             {
                 return Ok(redacted);
             }
         }
-        Ok(pdu.json.clone())
+        Ok(pdu.json()?.clone())
     }
 
     /// `GET /_matrix/federation/v1/event/{eventId}`.
@@ -424,7 +424,7 @@ impl Rooms {
             origin: self.server_name().to_string(),
             state: self.pdus_json(&state)?,
             auth_chain: self.pdus_json(&chain)?,
-            event: pdu.json,
+            event: pdu.into_json().map_err(RoomError::from)?,
             members_omitted: false,
         })
     }

@@ -385,13 +385,13 @@ impl Rooms {
                 room_id,
                 &pdu.event_id,
                 &room.room_version,
-                pdu.json.clone(),
+                pdu.json()?.clone(),
                 invite_state,
             )
             .await
             .map_err(remote_error)?;
         // Only the signatures may differ: the event the invitee's server signed must be ours.
-        let mut json = pdu.json.clone();
+        let mut json = pdu.json()?.clone();
         let returned_id = federation::signing::event_id_of(&signed, &room.room_version)
             .map_err(|error| RoomError::Remote(error.to_string()))?;
         if returned_id != pdu.event_id {

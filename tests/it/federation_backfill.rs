@@ -245,7 +245,7 @@ async fn a_gap_the_sender_cannot_fill_is_bridged_with_state_ids() {
     // Only the newest event reaches B, the way a server that catches up with the latest
     // events only would send it: signed by A, from A.
     let last_id = OwnedEventId::try_from(last.as_str()).unwrap();
-    let pdu = a.rooms.pdu(&last_id).unwrap().expect("A has its event").json;
+    let pdu = a.rooms.pdu(&last_id).unwrap().expect("A has its event").into_json().unwrap();
     let as_a = client_as(&a, &pki, true);
     let b_name = ServerName::parse(&b.server_name).unwrap();
     let answer = as_a
