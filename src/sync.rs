@@ -5,10 +5,7 @@
 //!
 //! [Syncing](https://spec.matrix.org/v1.16/client-server-api/#syncing)
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    time::Duration,
-};
+use std::{collections::BTreeSet, time::Duration};
 
 use ruma::{
     OwnedEventId, OwnedUserId, RoomId, UInt, UserId,
@@ -347,40 +344,25 @@ fn state_section(
         Some((_, meta)) => meta.state_before,
         None => state.rooms.snapshot_at_position(room_id, upper)?,
     };
-    let at_start = state.rooms.state_at(start_snapshot)?;
-    let wanted: BTreeMap<(String, String), OwnedEventId> = match since_snapshot {
-        Some(since_snapshot) => {
-            let before = state.rooms.state_at(since_snapshot)?;
-            at_start
-                .into_iter()
-                .filter(|(key, event_id)| before.get(key) != Some(event_id))
-                .collect()
-        }
-        _ => at_start,
-    };
     let lazy = filter.room.state.lazy_load_members;
     let senders: Vec<&UserId> =
         timeline.events.iter().map(|(pdu, _)| pdu.sender.as_ref()).collect();
     let in_timeline: Vec<&OwnedEventId> =
         timeline.events.iter().map(|(pdu, _)| &pdu.event_id).collect();
+    let wanted = state.rooms.state_changes(start_snapshot, since_snapshot, |kind, key| {
+        filter.room.state.may_allow_type(kind)
+            && (!lazy || wanted_member(auth, &senders, kind, key))
+    })?;
     let mut events = Vec::new();
-    for ((kind, state_key), event_id) in wanted {
+    for event_id in wanted.into_values() {
         if in_timeline.contains(&&event_id) {
             continue;
         }
-        if lazy
-            && kind == "m.room.member"
-            && state_key != auth.user_id.as_str()
-            && !senders.iter().any(|sender| sender.as_str() == state_key)
-        {
-            continue;
-        }
-        let Some((pdu, meta, value)) =
+        let Some((pdu, _, value)) =
             state.rooms.client_event_by_id(&event_id, Some((&auth.user_id, &auth.device_id)))?
         else {
             continue;
         };
-        let _ = meta;
         if filter.room.state.allows_pdu(&pdu) {
             events.push(value);
         }
@@ -412,26 +394,25 @@ fn room_state(
         )?;
         return Ok(("state", events));
     }
-    let at_end = state.rooms.state_at(state.rooms.snapshot_at_position(room_id, upper)?)?;
-    let wanted: BTreeMap<(String, String), OwnedEventId> = match room_since {
-        Some(since) if !request.full_state => {
-            let before = state.rooms.state_at(state.rooms.snapshot_at_position(room_id, since)?)?;
-            at_end.into_iter().filter(|(key, event_id)| before.get(key) != Some(event_id)).collect()
-        }
-        _ => at_end,
-    };
     let filter = &request.filter.room.state;
     let senders: Vec<&UserId> =
         timeline.events.iter().map(|(pdu, _)| pdu.sender.as_ref()).collect();
-    let mut events = Vec::new();
-    for ((kind, state_key), event_id) in wanted {
-        if filter.lazy_load_members
-            && kind == "m.room.member"
-            && state_key != auth.user_id.as_str()
-            && !senders.iter().any(|sender| sender.as_str() == state_key)
-        {
-            continue;
+    let since_snapshot = match room_since {
+        Some(since) if !request.full_state => {
+            Some(state.rooms.snapshot_at_position(room_id, since)?)
         }
+        _ => None,
+    };
+    let wanted = state.rooms.state_changes(
+        state.rooms.snapshot_at_position(room_id, upper)?,
+        since_snapshot,
+        |kind, key| {
+            filter.may_allow_type(kind)
+                && (!filter.lazy_load_members || wanted_member(auth, &senders, kind, key))
+        },
+    )?;
+    let mut events = Vec::new();
+    for event_id in wanted.into_values() {
         if let Some((pdu, _, value)) =
             state.rooms.client_event_by_id(&event_id, Some((&auth.user_id, &auth.device_id)))?
             && filter.allows_pdu(&pdu)
@@ -440,6 +421,14 @@ fn room_state(
         }
     }
     Ok(("state_after", events))
+}
+
+/// With lazy-loaded members, whether the state entry `(kind, key)` is sent: every entry but
+/// the member events of users other than the syncing one and the timeline's senders.
+fn wanted_member(auth: &Auth, senders: &[&UserId], kind: &str, key: &str) -> bool {
+    kind != "m.room.member"
+        || key == auth.user_id.as_str()
+        || senders.iter().any(|sender| sender.as_str() == key)
 }
 
 fn render(

@@ -1184,6 +1184,17 @@ impl Rooms {
         Ok(state::resolve_snapshot(self.db(), &self.inner.snapshots, snapshot)?)
     }
 
+    /// The entries of `snapshot` that differ from `since` (all of them without `since`) and
+    /// whose (type, state_key) `keep` accepts; see [`state::resolve_changes`].
+    pub fn state_changes(
+        &self,
+        snapshot: Option<u64>,
+        since: Option<Option<u64>>,
+        keep: impl Fn(&str, &str) -> bool,
+    ) -> Result<BTreeMap<(String, String), OwnedEventId>, RoomError> {
+        Ok(state::resolve_changes(self.db(), &self.inner.snapshots, snapshot, since, keep)?)
+    }
+
     /// The state snapshot in force after stream position `position` of a room.
     pub fn snapshot_at_position(
         &self,

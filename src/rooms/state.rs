@@ -36,10 +36,19 @@ struct Snapshot {
     changes: Vec<(u64, u64)>,
 }
 
-/// Recently used full state maps.
+/// How many (type, state_key) pairs of short ids are kept in memory before the kept ones are
+/// dropped and read again.
+const NAMES_MAX: usize = 65_536;
+
+/// A (type, state_key) pair.
+type StateKey = Arc<(String, String)>;
+
+/// Recently used full state maps, and the (type, state_key) pairs behind short ids (which never
+/// change once allocated).
 #[derive(Default)]
 pub struct SnapshotCache {
     maps: Mutex<HashMap<u64, Arc<ShortState>>>,
+    names: Mutex<HashMap<u64, StateKey>>,
 }
 
 impl SnapshotCache {
@@ -54,6 +63,29 @@ impl SnapshotCache {
         }
         maps.insert(id, state);
     }
+}
+
+/// The (type, state_key) pair behind a short state key id.
+fn state_key_of_short(
+    db: &Db,
+    cache: &SnapshotCache,
+    short: u64,
+) -> Result<Option<StateKey>, storage::Error> {
+    let lock = || cache.names.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(names) = lock().get(&short) {
+        return Ok(Some(names.clone()));
+    }
+    let Some(names) = db.get::<(String, String)>(SHORT_TO_STATE_KEY, &keys::encode_u64(short))?
+    else {
+        return Ok(None);
+    };
+    let names = Arc::new(names);
+    let mut kept = lock();
+    if kept.len() >= NAMES_MAX {
+        kept.clear();
+    }
+    kept.insert(short, names.clone());
+    Ok(Some(names))
 }
 
 /// The short id of a (type, state_key) pair, if it has one.
@@ -197,16 +229,36 @@ pub fn resolve_snapshot(
     cache: &SnapshotCache,
     id: Option<u64>,
 ) -> Result<BTreeMap<(String, String), OwnedEventId>, storage::Error> {
+    resolve_changes(db, cache, id, None, |_, _| true)
+}
+
+/// The entries of snapshot `id` that differ from snapshot `since` (all of them without
+/// `since`) and whose (type, state_key) `keep` accepts, with full keys and event ids. The
+/// comparison and `keep` run before any event id is read, so a `/sync` that wants a few
+/// members of a large room reads only those.
+pub fn resolve_changes(
+    db: &Db,
+    cache: &SnapshotCache,
+    id: Option<u64>,
+    since: Option<Option<u64>>,
+    keep: impl Fn(&str, &str) -> bool,
+) -> Result<BTreeMap<(String, String), OwnedEventId>, storage::Error> {
     let short_state = load_snapshot(db, cache, id)?;
+    let before = since.map(|since| load_snapshot(db, cache, since)).transpose()?;
     let mut state = BTreeMap::new();
     for (state_key_short, event_short) in short_state.iter() {
-        let Some((kind, state_key)) =
-            db.get::<(String, String)>(SHORT_TO_STATE_KEY, &keys::encode_u64(*state_key_short))?
-        else {
+        if before.as_ref().is_some_and(|before| before.get(state_key_short) == Some(event_short)) {
+            continue;
+        }
+        let Some(names) = state_key_of_short(db, cache, *state_key_short)? else {
             continue;
         };
+        let (kind, state_key) = &*names;
+        if !keep(kind, state_key) {
+            continue;
+        }
         if let Some(event_id) = event_id_of_short(db, *event_short)? {
-            state.insert((kind, state_key), event_id);
+            state.insert((kind.clone(), state_key.clone()), event_id);
         }
     }
     Ok(state)
@@ -215,6 +267,66 @@ pub fn resolve_snapshot(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Stores `event_id` under a short id, the way an event's rows do.
+    fn store_event(db: &Db, short: u64, event_id: &str) {
+        let mut batch = db.batch();
+        batch.put_raw("short_to_event_id", &keys::encode_u64(short), event_id.as_bytes()).unwrap();
+        db.write(batch).unwrap();
+    }
+
+    #[test]
+    fn changes_are_the_differing_entries_that_pass_the_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let cache = SnapshotCache::default();
+        let mut parent = None;
+        let mut snapshots = Vec::new();
+        let entries = [
+            ("m.room.create", "", 1, "$create"),
+            ("m.room.member", "@a:x", 2, "$a"),
+            ("m.room.member", "@b:x", 3, "$b"),
+            ("m.room.name", "", 4, "$name"),
+            ("m.room.member", "@b:x", 5, "$b2"),
+        ];
+        for (kind, state_key, short, event_id) in entries {
+            store_event(&db, short, event_id);
+            let mut batch = db.batch();
+            let id =
+                add_to_snapshot(&db, &cache, &mut batch, parent, kind, state_key, short).unwrap();
+            db.write(batch).unwrap();
+            parent = Some(id);
+            snapshots.push(parent);
+        }
+        let key = |kind: &str, state_key: &str| (kind.to_owned(), state_key.to_owned());
+        let id = |id: &str| OwnedEventId::try_from(id).unwrap();
+        // A cold cache reads the names from the store.
+        let cold = SnapshotCache::default();
+        let all = resolve_snapshot(&db, &cold, parent).unwrap();
+        assert_eq!(all.len(), 4);
+        assert_eq!(all[&key("m.room.member", "@b:x")], id("$b2"));
+        // Against the state after the first member: the second member, the name and the new
+        // event of `@b:x`; not the create event nor `@a:x`, which did not change.
+        let changed = resolve_changes(&db, &cold, parent, Some(snapshots[1]), |_, _| true).unwrap();
+        assert_eq!(
+            changed,
+            BTreeMap::from([
+                (key("m.room.member", "@b:x"), id("$b2")),
+                (key("m.room.name", ""), id("$name"))
+            ])
+        );
+        // The filter sees each (type, state_key) and drops what it refuses.
+        let no_members =
+            resolve_changes(&db, &cache, parent, None, |kind, _| kind != "m.room.member").unwrap();
+        assert_eq!(
+            no_members.keys().cloned().collect::<Vec<_>>(),
+            [key("m.room.create", ""), key("m.room.name", "")]
+        );
+        // Nothing changed against itself.
+        assert!(
+            resolve_changes(&db, &cache, parent, Some(parent), |_, _| true).unwrap().is_empty()
+        );
+    }
 
     #[test]
     fn long_chains_reload_the_same_state() {
