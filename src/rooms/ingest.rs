@@ -285,11 +285,12 @@ impl Rooms {
                     continue;
                 };
                 // The result is keyed by event id: a PDU without a computable one is dropped.
-                let Some(event_id) = self.remote_event_id(&json) else {
+                let Some((event_id, version)) = self.remote_event_id(&json) else {
                     tracing::debug!("PDU without a computable event id: dropped");
                     continue;
                 };
-                let result = self.receive_pdu(origin, json, remote).await;
+                let known = Some((event_id.clone(), version));
+                let result = self.receive_pdu_inner(origin, json, remote, true, known).await;
                 if let Err(error) = &result {
                     tracing::info!(%event_id, %error, "PDU not accepted");
                 }
@@ -301,14 +302,15 @@ impl Rooms {
         .await
     }
 
-    /// The event id a remote PDU claims by its room's version, if the room is known.
-    fn remote_event_id(&self, json: &CanonicalJsonObject) -> Option<OwnedEventId> {
+    /// The event id a remote PDU claims by its room's version, and that version, if the room
+    /// is known.
+    fn remote_event_id(&self, json: &CanonicalJsonObject) -> Option<(OwnedEventId, RoomVersionId)> {
         let room_id = match json.get("room_id") {
             Some(CanonicalJsonValue::String(room_id)) => RoomId::parse(room_id).ok()?,
             _ => return None,
         };
         let version = self.room(&room_id).ok()??.room_version;
-        federation::signing::event_id_of(json, &version).ok()
+        Some((federation::signing::event_id_of(json, &version).ok()?, version))
     }
 
     /// Receives one PDU from `origin`: every check on receipt, in the spec's order, fetching
@@ -320,18 +322,20 @@ impl Rooms {
         json: CanonicalJsonObject,
         remote: &Remote,
     ) -> Result<Accepted, IngestError> {
-        self.receive_pdu_inner(origin, json, remote, true).await
+        self.receive_pdu_inner(origin, json, remote, true, None).await
     }
 
+    /// [`Rooms::receive_pdu`], with the event id and room version when the caller has them.
     async fn receive_pdu_inner(
         &self,
         origin: &ServerName,
         json: CanonicalJsonObject,
         remote: &Remote,
         fetch_missing_prev: bool,
+        known: Option<(OwnedEventId, RoomVersionId)>,
     ) -> Result<Accepted, IngestError> {
         // 1. and 2. and 3.: format, signatures, content hash.
-        let Checked { pdu, rules } = self.check_received(json, remote).await?;
+        let Checked { pdu, rules } = self.check_received_as(json, remote, known).await?;
         let room_id = pdu.room_id.clone();
         if !self.server_allowed(&room_id, origin)? {
             return Err(IngestError::ServerDenied(origin.to_owned()));
@@ -383,7 +387,8 @@ impl Rooms {
                     for (_, json) in events {
                         // One level only: the gap's own gaps are not chased.
                         let result =
-                            Box::pin(self.receive_pdu_inner(origin, json, remote, false)).await;
+                            Box::pin(self.receive_pdu_inner(origin, json, remote, false, None))
+                                .await;
                         if let Err(error) = result {
                             tracing::debug!(%error, "missing event not accepted");
                         }
@@ -488,19 +493,37 @@ impl Rooms {
     /// version requires, redacted when its content hash does not match.
     pub(super) async fn check_received(
         &self,
+        json: CanonicalJsonObject,
+        remote: &Remote,
+    ) -> Result<Checked, IngestError> {
+        self.check_received_as(json, remote, None).await
+    }
+
+    /// [`Rooms::check_received`], with the event id and room version when the caller computed
+    /// them from the same JSON (the id is a hash of the redacted event without `unsigned`, so
+    /// the checks here do not change it).
+    async fn check_received_as(
+        &self,
         mut json: CanonicalJsonObject,
         remote: &Remote,
+        known: Option<(OwnedEventId, RoomVersionId)>,
     ) -> Result<Checked, IngestError> {
         let room_id = match json.get("room_id") {
             Some(CanonicalJsonValue::String(room_id)) => RoomId::parse(room_id)
                 .map_err(|error| IngestError::Malformed(format!("room_id: {error}")))?,
             _ => return Err(IngestError::Malformed("missing room_id".into())),
         };
-        let version = self.room(&room_id)?.ok_or(IngestError::UnknownRoom)?.room_version;
+        let (known_id, version) = match known {
+            Some((event_id, version)) => (Some(event_id), version),
+            None => (None, self.room(&room_id)?.ok_or(IngestError::UnknownRoom)?.room_version),
+        };
         let rules = federation::signing::rules_for(&version).map_err(RoomError::from)?;
         self.check_signed_pdu(&mut json, &version, &rules, remote).await?;
-        let event_id = federation::signing::event_id_of(&json, &version)
-            .map_err(|error| IngestError::Malformed(error.to_string()))?;
+        let event_id = match known_id {
+            Some(event_id) => event_id,
+            None => federation::signing::event_id_of(&json, &version)
+                .map_err(|error| IngestError::Malformed(error.to_string()))?,
+        };
         let pdu = Pdu::from_json(event_id, json)
             .map_err(|error| IngestError::Malformed(error.to_string()))?;
         if pdu.room_id != room_id {
@@ -651,12 +674,12 @@ impl Rooms {
         let listed: Vec<Arc<Pdu>> = pdu
             .auth_events
             .iter()
-            .filter_map(|event_id| self.pdu(event_id).ok().flatten().map(Arc::new))
+            .filter_map(|event_id| self.auth_pdu(event_id).ok().flatten())
             .collect();
         ruma::state_res::check_state_independent_auth_rules(&rules.authorization, pdu, |id| {
             match listed.iter().find(|event| event.event_id == id) {
                 Some(event) => Some(event.clone()),
-                None => self.pdu(id).ok().flatten().map(Arc::new),
+                None => self.auth_pdu(id).ok().flatten(),
             }
         })?;
         let mut auth_state: HashMap<(StateEventType, String), Arc<Pdu>> = HashMap::new();
@@ -760,7 +783,7 @@ impl Rooms {
                           state_key: &str| {
             state
                 .get(&(kind.to_string(), state_key.to_owned()))
-                .and_then(|event_id| self.pdu(event_id).ok().flatten())
+                .and_then(|event_id| self.auth_pdu(event_id).ok().flatten())
         };
         ruma::state_res::check_state_dependent_auth_rules(
             &rules.authorization,
@@ -877,7 +900,7 @@ impl Rooms {
             pdu,
             |kind, state_key| {
                 let event_id = lookup(&kind.to_string(), state_key).ok().flatten()?;
-                self.pdu(&event_id).ok().flatten()
+                self.auth_pdu(&event_id).ok().flatten()
             },
         )
         .map_err(IngestError::StateBefore)?;

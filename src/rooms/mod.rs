@@ -215,7 +215,20 @@ struct Inner {
     snapshots: state::SnapshotCache,
     outbox: Outbox,
     members: MemberCache,
+    auth_pdus: AuthPduCache,
     limits: ingest::Limits,
+}
+
+/// How many parsed auth events are kept before the kept ones are dropped and read again.
+const AUTH_PDUS_MAX: usize = 1024;
+
+/// Parsed state events recently used to authorize events: every message of a room is checked
+/// against the same create event, power levels and its sender's membership, twice (against
+/// its auth events and against the state before it). A stored PDU never changes (a redaction
+/// is kept beside it), so an entry is never stale.
+#[derive(Default)]
+struct AuthPduCache {
+    pdus: Mutex<HashMap<OwnedEventId, Arc<Pdu>>>,
 }
 
 /// The per-room async lock of `locks`, made on first use.
@@ -334,6 +347,7 @@ impl Rooms {
                 snapshots: state::SnapshotCache::default(),
                 outbox,
                 members: MemberCache::default(),
+                auth_pdus: AuthPduCache::default(),
                 limits,
             }),
         }
@@ -389,6 +403,24 @@ impl Rooms {
         parsed
             .transpose()
             .map_err(|error| pdu::PduError(format!("stored PDU {event_id}: {}", error.0)).into())
+    }
+
+    /// The PDU of a state event used in an auth check, shared: kept in memory between checks
+    /// (see [`AuthPduCache`]).
+    pub(crate) fn auth_pdu(&self, event_id: &EventId) -> Result<Option<Arc<Pdu>>, RoomError> {
+        let lock =
+            || self.inner.auth_pdus.pdus.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(pdu) = lock().get(event_id) {
+            return Ok(Some(pdu.clone()));
+        }
+        let Some(pdu) = self.pdu(event_id)? else { return Ok(None) };
+        let pdu = Arc::new(pdu);
+        let mut kept = lock();
+        if kept.len() >= AUTH_PDUS_MAX {
+            kept.clear();
+        }
+        kept.insert(event_id.to_owned(), pdu.clone());
+        Ok(Some(pdu))
     }
 
     /// Whether the PDU of an event is stored (as an outlier or in the timeline).
