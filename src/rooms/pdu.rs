@@ -3,13 +3,13 @@
 //!
 //! [PDUs](https://spec.matrix.org/v1.16/server-server-api/#pdus)
 
+use std::{borrow::Cow, sync::OnceLock};
+
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId,
     OwnedUserId, RoomId, RoomVersionId, UserId,
     events::{StateEventType, TimelineEventType},
 };
-use std::{borrow::Cow, sync::OnceLock};
-
 use serde::Deserialize;
 use serde_json::{Value, value::RawValue as RawJsonValue};
 
@@ -327,5 +327,33 @@ impl ruma::state_res::Event for Pdu {
     }
     fn rejected(&self) -> bool {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stored_pdu_keeps_its_text_and_parses_the_object_on_demand() {
+        let text = r#"{"auth_events":["$a"],"content":{"body":"hi","n":1},"depth":3,"hashes":{"sha256":"x"},"origin_server_ts":5,"prev_events":["$b"],"room_id":"!r:x","sender":"@u:x","signatures":{"x":{"ed25519:k":"s"}},"type":"m.room.message"}"#;
+        let event_id = OwnedEventId::try_from("$e").unwrap();
+        let stored = Pdu::from_slice(event_id.clone(), text.as_bytes()).unwrap();
+        assert_eq!(stored.sender, "@u:x");
+        assert_eq!(stored.auth_events, ["$a"]);
+        // Stored again, the text is written back unchanged.
+        assert_eq!(stored.signed_text().unwrap(), text);
+        // The object parsed on demand is the one a PDU built from the object holds.
+        let object: CanonicalJsonObject = serde_json::from_str(text).unwrap();
+        let built = Pdu::from_json(event_id, object.clone()).unwrap();
+        assert_eq!(stored.json().unwrap(), &object);
+        assert_eq!(stored.json().unwrap(), built.json().unwrap());
+        assert_eq!(stored.clone().into_json().unwrap(), object);
+        assert_eq!(built.signed_text().unwrap(), text);
+        // A stored text that is no canonical JSON fails when the object is asked for.
+        let floats = text.replace(r#""n":1"#, r#""n":1.5"#);
+        let odd =
+            Pdu::from_slice(OwnedEventId::try_from("$f").unwrap(), floats.as_bytes()).unwrap();
+        assert!(odd.json().is_err());
     }
 }
