@@ -3,7 +3,12 @@
 //!
 //! [Client config](https://spec.matrix.org/v1.16/client-server-api/#client-config)
 
-use ruma::{RoomId, UserId};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use ruma::{OwnedUserId, RoomId, UserId, push::Ruleset};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use storage::{Db, keys};
@@ -28,17 +33,37 @@ struct Change {
 /// Room account data events by room id.
 pub type RoomAccountData = std::collections::BTreeMap<String, Vec<Value>>;
 
+/// How many users' push rules are kept before the kept ones are dropped and read again.
+const PUSH_RULES_KEPT_MAX: usize = 10_000;
+
+/// A user's push rules, with their JSON as a fingerprint: unread counts are kept per ruleset.
+pub struct UserPushRules {
+    /// The rules.
+    pub ruleset: Ruleset,
+    /// The rules as JSON.
+    pub fingerprint: Arc<str>,
+}
+
+/// Push rules kept between syncs (every `/sync` evaluates them). `generation` moves with
+/// every change, so a ruleset read while a change was being written is never kept.
+#[derive(Default)]
+struct PushRulesCache {
+    generation: u64,
+    users: HashMap<OwnedUserId, Arc<UserPushRules>>,
+}
+
 /// The account data component.
 #[derive(Clone)]
 pub struct AccountData {
     db: Db,
     notifier: Notifier,
+    push_rules: Arc<Mutex<PushRulesCache>>,
 }
 
 impl AccountData {
     /// The component over `db`.
     pub fn new(db: Db, notifier: Notifier) -> Self {
-        Self { db, notifier }
+        Self { db, notifier, push_rules: Arc::default() }
     }
 
     fn key(user_id: &UserId, room_id: Option<&RoomId>, kind: &str) -> Vec<u8> {
@@ -62,6 +87,11 @@ impl AccountData {
             let room_id = room_id.map(|room| room.to_string()).unwrap_or_default();
             batch.put(CHANGES, &change_key, &Change { room_id, kind: kind.to_owned() })
         })?;
+        if room_id.is_none() && kind == "m.push_rules" {
+            let mut cache = self.push_rules_cache();
+            cache.generation += 1;
+            cache.users.remove(user_id);
+        }
         self.notifier.notify(position);
         Ok(())
     }
@@ -80,14 +110,44 @@ impl AccountData {
     }
 
     /// The user's push rules: the stored `m.push_rules`, else the server-default ruleset.
-    pub fn push_rules(&self, user_id: &UserId) -> Result<ruma::push::Ruleset, storage::Error> {
+    pub fn push_rules(&self, user_id: &UserId) -> Result<Ruleset, storage::Error> {
         if let Some(stored) = self.get(user_id, None, "m.push_rules")?
             && let Some(global) = stored.get("global")
             && let Ok(ruleset) = serde_json::from_value::<ruma::push::Ruleset>(global.clone())
         {
             return Ok(ruleset);
         }
-        Ok(ruma::push::Ruleset::server_default(user_id))
+        Ok(Ruleset::server_default(user_id))
+    }
+
+    /// [`AccountData::push_rules`] with their fingerprint, kept between calls until they
+    /// change.
+    pub fn push_rules_shared(
+        &self,
+        user_id: &UserId,
+    ) -> Result<Arc<UserPushRules>, storage::Error> {
+        let generation = {
+            let cache = self.push_rules_cache();
+            if let Some(rules) = cache.users.get(user_id) {
+                return Ok(rules.clone());
+            }
+            cache.generation
+        };
+        let ruleset = self.push_rules(user_id)?;
+        let fingerprint = serde_json::to_string(&ruleset).unwrap_or_default().into();
+        let rules = Arc::new(UserPushRules { ruleset, fingerprint });
+        let mut cache = self.push_rules_cache();
+        if cache.generation == generation {
+            if cache.users.len() >= PUSH_RULES_KEPT_MAX {
+                cache.users.clear();
+            }
+            cache.users.insert(user_id.to_owned(), rules.clone());
+        }
+        Ok(rules)
+    }
+
+    fn push_rules_cache(&self) -> std::sync::MutexGuard<'_, PushRulesCache> {
+        self.push_rules.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Account data events for sync: global ones, and per room. Everything on an initial sync,
@@ -137,5 +197,32 @@ impl AccountData {
             }
         }
         Ok((global, rooms))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kept_push_rules_follow_each_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = AccountData::new(Db::open(dir.path()).unwrap(), Notifier::new(0));
+        let user: OwnedUserId = "@u:x".try_into().unwrap();
+        let default = data.push_rules_shared(&user).unwrap();
+        let json = |ruleset: &Ruleset| serde_json::to_string(ruleset).unwrap();
+        assert_eq!(json(&default.ruleset), json(&Ruleset::server_default(&user)));
+        // Kept: the second call shares the first answer.
+        assert!(Arc::ptr_eq(&default, &data.push_rules_shared(&user).unwrap()));
+        // A change is seen at once, and other account data leaves the kept rules alone.
+        let mut changed = Ruleset::server_default(&user);
+        changed.underride.clear();
+        data.set(&user, None, "m.push_rules", json!({"global": changed})).unwrap();
+        let after = data.push_rules_shared(&user).unwrap();
+        assert_eq!(json(&after.ruleset), json(&changed));
+        assert!(after.ruleset.underride.is_empty());
+        assert_ne!(after.fingerprint, default.fingerprint);
+        data.set(&user, None, "m.direct", json!({})).unwrap();
+        assert!(Arc::ptr_eq(&after, &data.push_rules_shared(&user).unwrap()));
     }
 }

@@ -5,17 +5,18 @@
 //!
 //! [Syncing](https://spec.matrix.org/v1.16/client-server-api/#syncing)
 
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use ruma::{
     OwnedEventId, OwnedUserId, RoomId, UInt, UserId,
-    push::{Action, PushConditionRoomCtx, Ruleset},
+    push::{Action, PushConditionRoomCtx},
     serde::Raw,
 };
 use serde_json::{Map, Value, json};
 use tracing::instrument;
 
 use crate::{
+    account_data::UserPushRules,
     api::{AppState, error::ApiError, extract::Auth},
     filter::{EventFilter, Filter},
     rooms::{Direction, EventMeta, MembershipRecord, Pdu, RoomError},
@@ -110,7 +111,7 @@ async fn build(
     request: &SyncRequest,
     position: u64,
 ) -> Result<(Value, bool), ApiError> {
-    let ruleset = PushRules::new(state.account_data.push_rules(&auth.user_id)?);
+    let ruleset = state.account_data.push_rules_shared(&auth.user_id)?;
     let user_id = &auth.user_id;
     let since = request.since;
     let filter = &request.filter;
@@ -453,7 +454,7 @@ async fn joined_room(
     room_since: Option<u64>,
     upper: u64,
     account_data: Vec<Value>,
-    ruleset: &PushRules,
+    ruleset: &UserPushRules,
 ) -> Result<Option<Value>, ApiError> {
     let filter = &request.filter;
     let limit = timeline_limit(state, &filter.room.timeline);
@@ -604,7 +605,7 @@ async fn unread_counts(
     user_id: &UserId,
     room_id: &RoomId,
     upper: u64,
-    ruleset: &PushRules,
+    ruleset: &UserPushRules,
 ) -> Result<(u64, u64), ApiError> {
     let mut read_position = 0;
     for receipt_type in ["m.read", "m.read.private"] {
@@ -675,25 +676,11 @@ async fn unread_counts(
     Ok(answer)
 }
 
-/// The user's push rules for one sync, with their serialized form computed once so that the
-/// unread count of every room can tell whether the rules changed since its last count.
-struct PushRules {
-    ruleset: Ruleset,
-    fingerprint: String,
-}
-
-impl PushRules {
-    fn new(ruleset: Ruleset) -> Self {
-        let fingerprint = serde_json::to_string(&ruleset).unwrap_or_default();
-        Self { ruleset, fingerprint }
-    }
-}
-
 /// What an unread count depends on besides the events themselves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct UnreadFingerprint {
     read_position: u64,
-    ruleset: String,
+    ruleset: Arc<str>,
     display_name: String,
     member_count: u64,
 }

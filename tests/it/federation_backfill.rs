@@ -25,20 +25,13 @@ use ruma::{
 use serde_json::{Value, json};
 
 use crate::{
-    federation_transport::{Pki, client_as, start_on_port_with},
+    federation_transport::{Pki, client_as, start_on_free_port, start_on_port_with},
     harness::{TestServer, User, bodies, enc},
 };
 
 /// Starts a server named `ip:<free port>` with extra settings.
 async fn start(pki: &Pki, ip: &str, extra: &[(&str, &str)]) -> TestServer {
-    let port = std::net::TcpListener::bind((ip, 0))
-        .and_then(|listener| listener.local_addr())
-        .expect("a free port")
-        .port();
-    let temp = tempfile::tempdir().expect("a temp dir");
-    let mut server = start_on_port_with(pki, ip, port, temp.path().to_path_buf(), extra).await;
-    server.keep(temp);
-    server
+    start_on_free_port(pki, ip, extra).await
 }
 
 async fn join_via(user: &User, room_id: &str, server: &str) {

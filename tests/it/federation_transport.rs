@@ -51,16 +51,33 @@ impl Pki {
 
 /// Starts a server on `ip` whose name is `ip:<TLS port>`, serving TLS there.
 pub(crate) async fn start_on(pki: &Pki, ip: &str) -> TestServer {
-    // The name must carry the TLS port, so the port is chosen before the server binds it.
-    let port = std::net::TcpListener::bind((ip, 0))
-        .expect("test setup")
-        .local_addr()
-        .expect("test setup")
-        .port();
-    let temp = tempfile::tempdir().expect("test setup");
-    let mut server = start_on_port(pki, ip, port, temp.path().to_path_buf()).await;
-    server.keep(temp);
-    server
+    start_on_free_port(pki, ip, &[]).await
+}
+
+/// [`start_on`] with extra settings, which win over the ones it sets.
+pub(crate) async fn start_on_free_port(pki: &Pki, ip: &str, extra: &[(&str, &str)]) -> TestServer {
+    // The name must carry the TLS port, so the port is chosen before the server binds it; in
+    // between, another test can take it (tests run in parallel on the same addresses), so a
+    // port found taken is given up for another.
+    let mut attempts = 0;
+    loop {
+        let port = std::net::TcpListener::bind((ip, 0))
+            .and_then(|listener| listener.local_addr())
+            .expect("a free port")
+            .port();
+        let temp = tempfile::tempdir().expect("test setup");
+        match try_start_on_port_with(pki, ip, port, temp.path().to_path_buf(), extra).await {
+            Ok(mut server) => {
+                server.keep(temp);
+                return server;
+            }
+            Err(error) if attempts < 5 => {
+                attempts += 1;
+                eprintln!("port {port} of {ip} was taken ({error}); trying another");
+            }
+            Err(error) => panic!("server starts: {error}"),
+        }
+    }
 }
 
 /// Starts (or restarts) the server named `ip:port` on `data_dir`, serving TLS on that port.
@@ -76,6 +93,17 @@ pub(crate) async fn start_on_port_with(
     data_dir: PathBuf,
     extra: &[(&str, &str)],
 ) -> TestServer {
+    try_start_on_port_with(pki, ip, port, data_dir, extra).await.expect("server starts")
+}
+
+/// [`start_on_port_with`], with the error when the server cannot bind its listeners.
+async fn try_start_on_port_with(
+    pki: &Pki,
+    ip: &str,
+    port: u16,
+    data_dir: PathBuf,
+    extra: &[(&str, &str)],
+) -> Result<TestServer, hearth::server::ServerError> {
     let (cert, key) = pki.leaf(ip);
     let server_name = format!("{ip}:{port}");
     let tls_listen = format!("{ip}:{port}");
@@ -91,7 +119,7 @@ pub(crate) async fn start_on_port_with(
         ("HEARTH_FEDERATION_ALLOW_PRIVATE", "true"),
     ];
     settings.extend_from_slice(extra);
-    TestServer::start_in(data_dir, &settings).await
+    TestServer::try_start_in(data_dir, &settings).await
 }
 
 /// A federation client that speaks as `server` (with its signing key), trusting the test CA.

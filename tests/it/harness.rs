@@ -43,6 +43,14 @@ impl TestServer {
 
     /// Starts a server on an existing data directory (for restart tests).
     pub(crate) async fn start_in(data_dir: PathBuf, settings: &[(&str, &str)]) -> Self {
+        Self::try_start_in(data_dir, settings).await.expect("server starts")
+    }
+
+    /// [`TestServer::start_in`], with the error when the server cannot bind its listeners.
+    pub(crate) async fn try_start_in(
+        data_dir: PathBuf,
+        settings: &[(&str, &str)],
+    ) -> Result<Self, hearth::server::ServerError> {
         let mut environment: BTreeMap<String, String> = BTreeMap::new();
         environment.insert("HEARTH_LISTEN".into(), "127.0.0.1:0".into());
         environment.insert("HEARTH_DATA_DIR".into(), data_dir.display().to_string());
@@ -53,7 +61,7 @@ impl TestServer {
         }
         let config = Config::from_sources("", &environment).expect("test config");
         let server_name = config.server_name.to_string();
-        let server = Server::bind(config).await.expect("server starts");
+        let server = Server::bind(config).await?;
         let address = server.local_addr().expect("bound address");
         let tls_address = server.tls_local_addr().map(|address| address.expect("TLS address"));
         let rooms = server.rooms().clone();
@@ -66,7 +74,7 @@ impl TestServer {
                 .await
                 .expect("server runs");
         });
-        Self {
+        Ok(Self {
             base_url: format!("http://{address}"),
             server_name,
             data_dir,
@@ -75,7 +83,7 @@ impl TestServer {
             _temp: None,
             stop: Some(stop),
             task: Some(task),
-        }
+        })
     }
 
     /// Makes the server own `temp` (its data directory), removed when the server is dropped.
