@@ -554,7 +554,8 @@ fn machine() -> String {
         .find_map(|line| line.strip_prefix("model name"))
         .map(|rest| rest.trim_start_matches([' ', '\t', ':']).to_owned())
         .unwrap_or_else(|| "unknown CPU".to_owned());
-    let cores = std::thread::available_parallelism().map_or(0, std::num::NonZero::get);
+    // The machine's cores, not this process's (`--pin` leaves it one).
+    let cores = cpuinfo.lines().filter(|line| line.starts_with("processor")).count();
     let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
     let mem_gib = meminfo
         .lines()
@@ -706,7 +707,12 @@ better Hearth is (throughput: Hearth / Synapse; times, memory and bytes: Synapse
         let _ = writeln!(page, "{}", reproducible(&earlier.command));
     }
     let _ = writeln!(page, "{}", reproducible(&results.command));
-    page.push_str("cargo run --release -p conformance --bin hearth-bench -- docs --results target/bench-results.json\n```\n\n");
+    let results_file =
+        option_value(&results.command, "--output").unwrap_or("target/bench-results.json");
+    let _ = writeln!(
+        page,
+        "cargo run --release -p conformance --bin hearth-bench -- docs --results {results_file}\n```\n"
+    );
     page.push_str(SCENARIO_NOTES);
     std::fs::write(&output, page).with_context(|| format!("writing {}", output.display()))?;
     println!("wrote {}", output.display());
@@ -733,9 +739,36 @@ fn s6_goal(results: &Results) -> String {
 }
 
 /// The run's command line as a `cargo run` invocation.
+/// The command line of a run as one to type in the workspace: a Hearth binary of a cargo
+/// target directory is named by its profile, and built first.
 fn reproducible(command: &str) -> String {
-    let args: Vec<&str> = command.split_whitespace().skip(1).collect();
-    format!("cargo run --release -p conformance --bin hearth-bench -- {}", args.join(" "))
+    let mut args: Vec<String> = command.split_whitespace().skip(1).map(str::to_owned).collect();
+    let mut build = None;
+    if let Some(index) = args.iter().position(|arg| arg == "--hearth-bin")
+        && let Some(path) = args.get(index + 1)
+        && let Some(profile) = path.strip_suffix("/hearth").and_then(|dir| dir.rsplit('/').next())
+        && ["release", "dist", "debug"].contains(&profile)
+    {
+        build = Some(match profile {
+            "release" => "cargo build --release --bin hearth".to_owned(),
+            "debug" => "cargo build --bin hearth".to_owned(),
+            _ => format!("cargo build --profile {profile} --bin hearth"),
+        });
+        args[index + 1] = format!("target/{profile}/hearth");
+    }
+    let run =
+        format!("cargo run --release -p conformance --bin hearth-bench -- {}", args.join(" "));
+    match build {
+        Some(build) => format!("{build}\n{run}"),
+        None => run,
+    }
+}
+
+/// The value given to `option` on a command line.
+fn option_value<'a>(command: &'a str, option: &str) -> Option<&'a str> {
+    let mut args = command.split_whitespace();
+    args.find(|arg| *arg == option)?;
+    args.next()
 }
 
 const SCENARIO_NOTES: &str = "## Scenarios and goals
