@@ -9,7 +9,7 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use ruma::{
     OwnedEventId, OwnedUserId, RoomId, UInt, UserId,
-    push::{Action, PushConditionRoomCtx},
+    push::{Action, FlattenedJson, PushConditionRoomCtx, Ruleset},
     serde::Raw,
 };
 use serde_json::{Map, Value, json};
@@ -653,17 +653,14 @@ async fn unread_counts(
             continue;
         }
         counted.up_to = position;
-        let Some(pdu) = state.rooms.pdu(&event_id)? else { continue };
-        if pdu.sender == user_id {
+        let Some(event) = state.unread.flattened_event(state, &event_id)? else { continue };
+        if event.get_str("sender") == Some(user_id.as_str()) {
             // Sending implies having read everything before.
             counted.notifications = 0;
             counted.highlights = 0;
             continue;
         }
-        let rendered = state.rooms.client_event(&pdu, None, None)?;
-        let Ok(raw) = serde_json::value::to_raw_value(&rendered) else { continue };
-        let raw: Raw<Value> = Raw::from_json(raw);
-        let actions = ruleset.ruleset.get_actions(&raw, &context).await;
+        let actions = push_actions(&ruleset.ruleset, &event, &context).await;
         if actions.iter().any(Action::should_notify) {
             counted.notifications += 1;
             if actions.iter().any(Action::is_highlight) {
@@ -674,6 +671,21 @@ async fn unread_counts(
     let answer = (counted.notifications, counted.highlights);
     state.unread.put(key, counted);
     Ok(answer)
+}
+
+/// The actions of the first of `ruleset`'s rules that applies to `event` (as
+/// `Ruleset::get_actions`, with the event flattened once for every user who counts it).
+async fn push_actions<'a>(
+    ruleset: &'a Ruleset,
+    event: &FlattenedJson,
+    context: &PushConditionRoomCtx,
+) -> &'a [Action] {
+    for rule in ruleset {
+        if rule.applies(event, context).await {
+            return rule.actions();
+        }
+    }
+    &[]
 }
 
 /// What an unread count depends on besides the events themselves.
@@ -701,7 +713,16 @@ pub struct UnreadCounts {
     counts: std::sync::Arc<
         std::sync::Mutex<std::collections::HashMap<(OwnedUserId, ruma::OwnedRoomId), UnreadCount>>,
     >,
+    /// Recent events in the flattened form push rules read, keyed by event id and whether the
+    /// event is redacted: every member of a room counts each new event of it.
+    flattened: Arc<std::sync::Mutex<FlattenedEvents>>,
 }
+
+/// Flattened events by event id and whether the event is redacted.
+type FlattenedEvents = std::collections::HashMap<(OwnedEventId, bool), Arc<FlattenedJson>>;
+
+/// How many flattened events are kept before the kept ones are dropped and made again.
+const FLATTENED_KEPT_MAX: usize = 4096;
 
 impl UnreadCounts {
     fn get(&self, key: &(OwnedUserId, ruma::OwnedRoomId)) -> Option<UnreadCount> {
@@ -710,5 +731,29 @@ impl UnreadCounts {
 
     fn put(&self, key: (OwnedUserId, ruma::OwnedRoomId), count: UnreadCount) {
         self.counts.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(key, count);
+    }
+
+    /// An event in the client format (redacted if it is), flattened for push rules.
+    fn flattened_event(
+        &self,
+        state: &AppState,
+        event_id: &OwnedEventId,
+    ) -> Result<Option<Arc<FlattenedJson>>, ApiError> {
+        let Some(meta) = state.rooms.meta(event_id)? else { return Ok(None) };
+        let key = (event_id.clone(), meta.redacted_by.is_some());
+        let lock = || self.flattened.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(event) = lock().get(&key) {
+            return Ok(Some(event.clone()));
+        }
+        let Some(pdu) = state.rooms.pdu(event_id)? else { return Ok(None) };
+        let rendered = state.rooms.client_event(&pdu, Some(&meta), None)?;
+        let Ok(raw) = serde_json::value::to_raw_value(&rendered) else { return Ok(None) };
+        let event = Arc::new(FlattenedJson::from_raw(&Raw::<Value>::from_json(raw)));
+        let mut kept = lock();
+        if kept.len() >= FLATTENED_KEPT_MAX {
+            kept.clear();
+        }
+        kept.insert(key, event.clone());
+        Ok(Some(event))
     }
 }
