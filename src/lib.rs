@@ -11,6 +11,7 @@ pub mod e2ee;
 pub mod edus;
 pub mod ephemeral;
 pub mod filter;
+pub mod kept;
 pub mod key_backup;
 pub mod notify;
 pub mod outbox;

@@ -19,6 +19,7 @@ use crate::{
     account_data::UserPushRules,
     api::{AppState, error::ApiError, extract::Auth},
     filter::{EventFilter, Filter},
+    kept::Kept,
     rooms::{Direction, EventMeta, MembershipRecord, Pdu, RoomError},
 };
 
@@ -708,18 +709,21 @@ pub struct UnreadCount {
 
 /// The last unread count of each (user, room), so that a sync evaluates push rules only for
 /// events that arrived since the previous one instead of every event since the read receipt.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct UnreadCounts {
     counts: std::sync::Arc<
         std::sync::Mutex<std::collections::HashMap<(OwnedUserId, ruma::OwnedRoomId), UnreadCount>>,
     >,
     /// Recent events in the flattened form push rules read, keyed by event id and whether the
     /// event is redacted: every member of a room counts each new event of it.
-    flattened: Arc<std::sync::Mutex<FlattenedEvents>>,
+    flattened: Arc<Kept<(OwnedEventId, bool), Arc<FlattenedJson>>>,
 }
 
-/// Flattened events by event id and whether the event is redacted.
-type FlattenedEvents = std::collections::HashMap<(OwnedEventId, bool), Arc<FlattenedJson>>;
+impl Default for UnreadCounts {
+    fn default() -> Self {
+        Self { counts: Arc::default(), flattened: Arc::new(Kept::new(FLATTENED_KEPT_MAX)) }
+    }
+}
 
 /// How many flattened events are kept before the kept ones are dropped and made again.
 const FLATTENED_KEPT_MAX: usize = 4096;
@@ -741,19 +745,14 @@ impl UnreadCounts {
     ) -> Result<Option<Arc<FlattenedJson>>, ApiError> {
         let Some(meta) = state.rooms.meta(event_id)? else { return Ok(None) };
         let key = (event_id.clone(), meta.redacted_by.is_some());
-        let lock = || self.flattened.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(event) = lock().get(&key) {
-            return Ok(Some(event.clone()));
+        if let Some(event) = self.flattened.get(&key) {
+            return Ok(Some(event));
         }
         let Some(pdu) = state.rooms.pdu(event_id)? else { return Ok(None) };
         let rendered = state.rooms.client_event(&pdu, Some(&meta), None)?;
         let Ok(raw) = serde_json::value::to_raw_value(&rendered) else { return Ok(None) };
         let event = Arc::new(FlattenedJson::from_raw(&Raw::<Value>::from_json(raw)));
-        let mut kept = lock();
-        if kept.len() >= FLATTENED_KEPT_MAX {
-            kept.clear();
-        }
-        kept.insert(key, event.clone());
+        self.flattened.insert(key, event.clone());
         Ok(Some(event))
     }
 }

@@ -32,7 +32,7 @@ use serde_json::{Value, json};
 use storage::{Batch, Db, keys};
 use tracing::instrument;
 
-use crate::{notify::Notifier, outbox::Outbox};
+use crate::{kept::Kept, notify::Notifier, outbox::Outbox};
 pub use pdu::Pdu;
 
 /// Why a room operation failed.
@@ -226,9 +226,14 @@ const AUTH_PDUS_MAX: usize = 1024;
 /// against the same create event, power levels and its sender's membership, twice (against
 /// its auth events and against the state before it). A stored PDU never changes (a redaction
 /// is kept beside it), so an entry is never stale.
-#[derive(Default)]
 struct AuthPduCache {
-    pdus: Mutex<HashMap<OwnedEventId, Arc<Pdu>>>,
+    pdus: Kept<OwnedEventId, Arc<Pdu>>,
+}
+
+impl Default for AuthPduCache {
+    fn default() -> Self {
+        Self { pdus: Kept::new(AUTH_PDUS_MAX) }
+    }
 }
 
 /// The per-room async lock of `locks`, made on first use.
@@ -408,18 +413,12 @@ impl Rooms {
     /// The PDU of a state event used in an auth check, shared: kept in memory between checks
     /// (see [`AuthPduCache`]).
     pub(crate) fn auth_pdu(&self, event_id: &EventId) -> Result<Option<Arc<Pdu>>, RoomError> {
-        let lock =
-            || self.inner.auth_pdus.pdus.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(pdu) = lock().get(event_id) {
-            return Ok(Some(pdu.clone()));
+        if let Some(pdu) = self.inner.auth_pdus.pdus.get(event_id) {
+            return Ok(Some(pdu));
         }
         let Some(pdu) = self.pdu(event_id)? else { return Ok(None) };
         let pdu = Arc::new(pdu);
-        let mut kept = lock();
-        if kept.len() >= AUTH_PDUS_MAX {
-            kept.clear();
-        }
-        kept.insert(event_id.to_owned(), pdu.clone());
+        self.inner.auth_pdus.pdus.insert(event_id.to_owned(), pdu.clone());
         Ok(Some(pdu))
     }
 

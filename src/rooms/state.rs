@@ -9,14 +9,13 @@
 //! shares all but the changed path with the map before it, so adding an event to a room of
 //! tens of thousands of state events neither copies them nor keeps a second copy cached.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    sync::{Arc, Mutex},
-};
+use std::{collections::BTreeMap, sync::Arc};
 
 use ruma::OwnedEventId;
 use serde::{Deserialize, Serialize};
 use storage::{Batch, Db, keys};
+
+use crate::kept::Kept;
 
 /// After this many deltas in a chain, a full snapshot is written.
 pub const FULL_EVERY: u32 = 50;
@@ -45,23 +44,24 @@ type StateKey = Arc<(String, String)>;
 
 /// Recently used full state maps, and the (type, state_key) pairs behind short ids (which never
 /// change once allocated).
-#[derive(Default)]
 pub struct SnapshotCache {
-    maps: Mutex<HashMap<u64, Arc<ShortState>>>,
-    names: Mutex<HashMap<u64, StateKey>>,
+    maps: Kept<u64, Arc<ShortState>>,
+    names: Kept<u64, StateKey>,
+}
+
+impl Default for SnapshotCache {
+    fn default() -> Self {
+        Self { maps: Kept::new(CACHE_MAX), names: Kept::new(NAMES_MAX) }
+    }
 }
 
 impl SnapshotCache {
     fn get(&self, id: u64) -> Option<Arc<ShortState>> {
-        self.maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).get(&id).cloned()
+        self.maps.get(&id)
     }
 
     fn put(&self, id: u64, state: Arc<ShortState>) {
-        let mut maps = self.maps.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if maps.len() >= CACHE_MAX {
-            maps.clear();
-        }
-        maps.insert(id, state);
+        self.maps.insert(id, state);
     }
 }
 
@@ -71,20 +71,15 @@ fn state_key_of_short(
     cache: &SnapshotCache,
     short: u64,
 ) -> Result<Option<StateKey>, storage::Error> {
-    let lock = || cache.names.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    if let Some(names) = lock().get(&short) {
-        return Ok(Some(names.clone()));
+    if let Some(names) = cache.names.get(&short) {
+        return Ok(Some(names));
     }
     let Some(names) = db.get::<(String, String)>(SHORT_TO_STATE_KEY, &keys::encode_u64(short))?
     else {
         return Ok(None);
     };
     let names = Arc::new(names);
-    let mut kept = lock();
-    if kept.len() >= NAMES_MAX {
-        kept.clear();
-    }
-    kept.insert(short, names.clone());
+    cache.names.insert(short, names.clone());
     Ok(Some(names))
 }
 
