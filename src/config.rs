@@ -416,4 +416,15 @@ mod tests {
     fn the_example_config_parses() {
         check(include_str!("../docker/config.example.toml"), &[]).unwrap();
     }
+
+    #[test]
+    fn the_container_config_parses_and_listens_on_every_address() {
+        let config =
+            check(include_str!("../docker/config.toml"), &[("HEARTH_SERVER_NAME", "example.org")])
+                .unwrap();
+        assert_eq!(config.listen.to_string(), "0.0.0.0:8008");
+        assert_eq!(config.data_dir, PathBuf::from("/data"));
+        assert_eq!(config.server_name.as_str(), "example.org");
+        assert_eq!(config.registration, Registration::Closed);
+    }
 }
