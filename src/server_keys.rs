@@ -1,24 +1,54 @@
 //! Remote server keys persisted in the database: the [`federation::KeyStore`] the federation
 //! client fetches and caches through. One row per server in `server_name_to_server_keys`
 //! (the latest signed key response plus every key seen, current and old).
+//!
+//! Every received PDU asks for its sender's keys, so the rows read are also kept in memory;
+//! all writes go through this store, which updates the kept row under the same lock.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, MutexGuard},
+};
 
 use federation::{KeyStore, StoredServerKeys};
-use ruma::ServerName;
+use ruma::{OwnedServerName, ServerName};
 use storage::Db;
 
 const TABLE: &str = "server_name_to_server_keys";
+
+/// The most servers whose keys are kept in memory (the map is emptied when full).
+const KEPT_SERVERS_MAX: usize = 1024;
 
 /// The database-backed key store.
 #[derive(Clone)]
 pub struct DbKeyStore {
     db: Db,
+    /// Rows read or written, by server (`None`: no row). Held while reading a missing row
+    /// and while writing, so a read never keeps a row older than the last write.
+    kept: Arc<Mutex<HashMap<OwnedServerName, Option<StoredServerKeys>>>>,
 }
 
 impl DbKeyStore {
     /// A key store over `db`.
     pub fn new(db: Db) -> Self {
-        Self { db }
+        Self { db, kept: Arc::default() }
     }
+
+    fn kept(&self) -> MutexGuard<'_, HashMap<OwnedServerName, Option<StoredServerKeys>>> {
+        self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Keeps `row` for `server_name`, emptying `kept` first when it is full.
+fn keep(
+    kept: &mut HashMap<OwnedServerName, Option<StoredServerKeys>>,
+    server_name: &ServerName,
+    row: Option<StoredServerKeys>,
+) {
+    if kept.len() >= KEPT_SERVERS_MAX && !kept.contains_key(server_name) {
+        kept.clear();
+    }
+    kept.insert(server_name.to_owned(), row);
 }
 
 fn store_error(error: storage::Error) -> federation::Error {
@@ -30,7 +60,14 @@ impl KeyStore for DbKeyStore {
         &self,
         server_name: &ServerName,
     ) -> Result<Option<StoredServerKeys>, federation::Error> {
-        self.db.get(TABLE, server_name.as_bytes()).map_err(store_error)
+        let mut kept = self.kept();
+        if let Some(row) = kept.get(server_name) {
+            return Ok(row.clone());
+        }
+        let row: Option<StoredServerKeys> =
+            self.db.get(TABLE, server_name.as_bytes()).map_err(store_error)?;
+        keep(&mut kept, server_name, row.clone());
+        Ok(row)
     }
 
     fn store_server_keys(
@@ -38,16 +75,17 @@ impl KeyStore for DbKeyStore {
         server_name: &ServerName,
         keys: &StoredServerKeys,
     ) -> Result<(), federation::Error> {
+        let mut kept = self.kept();
         let mut batch = self.db.batch();
         batch.put(TABLE, server_name.as_bytes(), keys).map_err(store_error)?;
-        self.db.write(batch).map_err(store_error)
+        self.db.write(batch).map_err(store_error)?;
+        keep(&mut kept, server_name, Some(keys.clone()));
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use federation::{ServerSigningKey, keys};
     use ruma::server_name;
 
@@ -70,6 +108,15 @@ mod tests {
         }
         let store: Arc<dyn KeyStore> =
             Arc::new(DbKeyStore::new(Db::open(&dir.path().join("db")).unwrap()));
-        assert_eq!(store.load_server_keys(server_name!("a.test")).unwrap(), Some(stored));
+        assert_eq!(store.load_server_keys(server_name!("a.test")).unwrap(), Some(stored.clone()));
+
+        // The kept row follows every write, including one after a miss was kept.
+        assert_eq!(store.load_server_keys(server_name!("b.test")).unwrap(), None);
+        let mut newer = stored.clone();
+        newer.valid_until_ts += 1;
+        store.store_server_keys(server_name!("b.test"), &newer).unwrap();
+        store.store_server_keys(server_name!("a.test"), &newer).unwrap();
+        assert_eq!(store.load_server_keys(server_name!("b.test")).unwrap(), Some(newer.clone()));
+        assert_eq!(store.load_server_keys(server_name!("a.test")).unwrap(), Some(newer));
     }
 }

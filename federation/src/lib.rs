@@ -1,5 +1,5 @@
 //! Hearth's server-server protocol: the server's signing key and event signing
-//! (`signing`), X-Matrix request signing and verification (`request`), server keys and
+//! (`signing`), the checks of received PDUs' hashes and signatures (`verify`), X-Matrix request signing and verification (`request`), server keys and
 //! their store (`keys`), server discovery (`discovery`), and the [`Client`] that ties them
 //! together for outbound requests, key fetching, the notary and inbound request checks, and
 //! the outbound [`Sender`] (per-destination transaction queues with backoff).
@@ -15,6 +15,7 @@ pub mod keys;
 pub mod request;
 pub mod sender;
 pub mod signing;
+pub mod verify;
 
 pub use client::{Client, ClientConfig};
 pub use error::Error;

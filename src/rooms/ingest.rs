@@ -15,6 +15,7 @@ use std::{
     sync::Arc,
 };
 
+use federation::verify::ReceivedPdu;
 use futures::future::BoxFuture;
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, EventId, MilliSecondsSinceUnixEpoch, OwnedEventId,
@@ -285,11 +286,12 @@ impl Rooms {
                     continue;
                 };
                 // The result is keyed by event id: a PDU without a computable one is dropped.
-                let Some((event_id, version)) = self.remote_event_id(&json) else {
+                let Some((received, version)) = self.prepare_remote(&json) else {
                     tracing::debug!("PDU without a computable event id: dropped");
                     continue;
                 };
-                let known = Some((event_id.clone(), version));
+                let event_id = received.event_id().clone();
+                let known = Some((received, version));
                 let result = self.receive_pdu_inner(origin, json, remote, true, known).await;
                 if let Err(error) = &result {
                     tracing::info!(%event_id, %error, "PDU not accepted");
@@ -302,15 +304,16 @@ impl Rooms {
         .await
     }
 
-    /// The event id a remote PDU claims by its room's version, and that version, if the room
-    /// is known.
-    fn remote_event_id(&self, json: &CanonicalJsonObject) -> Option<(OwnedEventId, RoomVersionId)> {
+    /// A remote PDU redacted and serialised for its event id and signature checks, with its
+    /// room's version, if the room is known.
+    fn prepare_remote(&self, json: &CanonicalJsonObject) -> Option<(ReceivedPdu, RoomVersionId)> {
         let room_id = match json.get("room_id") {
             Some(CanonicalJsonValue::String(room_id)) => RoomId::parse(room_id).ok()?,
             _ => return None,
         };
         let version = self.room(&room_id).ok()??.room_version;
-        Some((federation::signing::event_id_of(json, &version).ok()?, version))
+        let rules = federation::signing::rules_for(&version).ok()?;
+        Some((ReceivedPdu::prepare(json, &rules).ok()?, version))
     }
 
     /// Receives one PDU from `origin`: every check on receipt, in the spec's order, fetching
@@ -332,7 +335,7 @@ impl Rooms {
         json: CanonicalJsonObject,
         remote: &Remote,
         fetch_missing_prev: bool,
-        known: Option<(OwnedEventId, RoomVersionId)>,
+        known: Option<(ReceivedPdu, RoomVersionId)>,
     ) -> Result<Accepted, IngestError> {
         // 1. and 2. and 3.: format, signatures, content hash.
         let Checked { pdu, rules } = self.check_received_as(json, remote, known).await?;
@@ -350,7 +353,7 @@ impl Rooms {
         }
         self.fetch_missing_auth_events(origin, &pdu, remote).await?;
         // 4. Auth against the event's own auth events.
-        self.check_auth_events(&pdu, &rules).map_err(IngestError::AuthEvents)?;
+        let answers = self.check_auth_events(&pdu, &rules).map_err(IngestError::AuthEvents)?;
 
         // Missing prev events: ask the origin for the gap, once, and take what connects.
         let missing_events_max = self.inner.limits.missing_events_max;
@@ -434,7 +437,7 @@ impl Rooms {
             return Ok(Accepted::AlreadyKnown);
         }
         let mut room = self.room(&room_id)?.ok_or(IngestError::UnknownRoom)?;
-        self.accept_locked(&mut room, &pdu, &rules, given_state)
+        self.accept_locked(&mut room, &pdu, &rules, given_state, Some(&answers))
     }
 
     /// The state before `pdu` as `origin` has it: the ids `state_ids` answers, with every
@@ -499,32 +502,33 @@ impl Rooms {
         self.check_received_as(json, remote, None).await
     }
 
-    /// [`Rooms::check_received`], with the event id and room version when the caller computed
-    /// them from the same JSON (the id is a hash of the redacted event without `unsigned`, so
-    /// the checks here do not change it).
+    /// [`Rooms::check_received`], with the PDU already prepared and its room version when the
+    /// caller did that from the same JSON (the event id is a hash of the redacted event
+    /// without `unsigned`, so the checks here do not change it).
     async fn check_received_as(
         &self,
         mut json: CanonicalJsonObject,
         remote: &Remote,
-        known: Option<(OwnedEventId, RoomVersionId)>,
+        known: Option<(ReceivedPdu, RoomVersionId)>,
     ) -> Result<Checked, IngestError> {
         let room_id = match json.get("room_id") {
             Some(CanonicalJsonValue::String(room_id)) => RoomId::parse(room_id)
                 .map_err(|error| IngestError::Malformed(format!("room_id: {error}")))?,
             _ => return Err(IngestError::Malformed("missing room_id".into())),
         };
-        let (known_id, version) = match known {
-            Some((event_id, version)) => (Some(event_id), version),
-            None => (None, self.room(&room_id)?.ok_or(IngestError::UnknownRoom)?.room_version),
+        let (received, version, rules) = match known {
+            Some((received, version)) => {
+                let rules = federation::signing::rules_for(&version).map_err(RoomError::from)?;
+                (received, version, rules)
+            }
+            None => {
+                let version = self.room(&room_id)?.ok_or(IngestError::UnknownRoom)?.room_version;
+                let rules = federation::signing::rules_for(&version).map_err(RoomError::from)?;
+                (prepare(&json, &rules)?, version, rules)
+            }
         };
-        let rules = federation::signing::rules_for(&version).map_err(RoomError::from)?;
-        self.check_signed_pdu(&mut json, &version, &rules, remote).await?;
-        let event_id = match known_id {
-            Some(event_id) => event_id,
-            None => federation::signing::event_id_of(&json, &version)
-                .map_err(|error| IngestError::Malformed(error.to_string()))?,
-        };
-        let pdu = Pdu::from_json(event_id, json)
+        self.check_prepared(&mut json, &received, &version, &rules, remote).await?;
+        let pdu = Pdu::from_json(received.into_event_id(), json)
             .map_err(|error| IngestError::Malformed(error.to_string()))?;
         if pdu.room_id != room_id {
             return Err(IngestError::Malformed("room_id does not match".into()));
@@ -537,6 +541,19 @@ impl Rooms {
     pub(crate) async fn check_signed_pdu(
         &self,
         json: &mut CanonicalJsonObject,
+        version: &RoomVersionId,
+        rules: &RoomVersionRules,
+        remote: &Remote,
+    ) -> Result<(), IngestError> {
+        let received = prepare(json, rules)?;
+        self.check_prepared(json, &received, version, rules, remote).await
+    }
+
+    /// [`Rooms::check_signed_pdu`] of a PDU prepared from `json`.
+    async fn check_prepared(
+        &self,
+        json: &mut CanonicalJsonObject,
+        received: &ReceivedPdu,
         version: &RoomVersionId,
         rules: &RoomVersionRules,
         remote: &Remote,
@@ -555,14 +572,15 @@ impl Rooms {
             _ => return Err(IngestError::Malformed("missing origin_server_ts".into())),
         };
         let mut key_map = ruma::signatures::PublicKeyMap::new();
-        for server in servers {
+        for server in &servers {
             let keys =
-                remote.keys.verify_keys(&server, origin_server_ts).await.map_err(|error| {
+                remote.keys.verify_keys(server, origin_server_ts).await.map_err(|error| {
                     IngestError::Signature(format!("keys of {server}: {error}"))
                 })?;
             key_map.insert(server.to_string(), keys);
         }
-        let verified = ruma::signatures::verify_event(&key_map, json, rules)
+        let verified = received
+            .verify(json, servers, &key_map)
             .map_err(|error| IngestError::Signature(error.to_string()))?;
         if verified == Verified::Signatures {
             tracing::info!(room_version = %version, "content hash mismatch: event redacted");
@@ -664,12 +682,13 @@ impl Rooms {
         Ok(())
     }
 
-    /// Check 4: the auth rules against the event's own auth events.
+    /// Check 4: the auth rules against the event's own auth events. On success, the state
+    /// entries the state-dependent rules asked for and which auth event answered each.
     pub(crate) fn check_auth_events(
         &self,
         pdu: &Pdu,
         rules: &RoomVersionRules,
-    ) -> Result<(), String> {
+    ) -> Result<AuthAnswers, String> {
         // Each auth event is read and parsed once, for both halves of the check.
         let listed: Vec<Arc<Pdu>> = pdu
             .auth_events
@@ -694,11 +713,18 @@ impl Rooms {
         {
             auth_state.insert((StateEventType::RoomCreate, String::new()), Arc::new(create));
         }
+        let answers = RefCell::new(AuthAnswers::default());
         ruma::state_res::check_state_dependent_auth_rules(
             &rules.authorization,
             pdu,
-            |kind, state_key| auth_state.get(&(kind.clone(), state_key.to_owned())).cloned(),
-        )
+            |kind, state_key| {
+                let pair = (kind.clone(), state_key.to_owned());
+                let found = auth_state.get(&pair).cloned();
+                answers.borrow_mut().asked.push((pair, found.as_ref().map(|e| e.event_id.clone())));
+                found
+            },
+        )?;
+        Ok(answers.into_inner())
     }
 
     /// The create event of a room whose id is derived from it (room version 12 and later):
@@ -735,6 +761,7 @@ impl Rooms {
         pdu: &Pdu,
         rules: &RoomVersionRules,
         given_state: Option<BTreeMap<(String, String), OwnedEventId>>,
+        answers: Option<&AuthAnswers>,
     ) -> Result<Accepted, IngestError> {
         let room_id = pdu.room_id.clone();
         let mut prev_snapshots: Vec<Option<u64>> = Vec::new();
@@ -763,7 +790,7 @@ impl Rooms {
             && room.forward_extremities.len() == pdu.prev_events.len()
             && room.forward_extremities.iter().all(|id| pdu.prev_events.contains(id))
         {
-            return self.accept_linear(room, pdu, rules);
+            return self.accept_linear(room, pdu, rules, answers);
         }
         // 5. State before the event.
         let from_state_ids = given_state.is_some();
@@ -878,11 +905,17 @@ impl Rooms {
     /// extremities and whose state before is the current state (see [`Rooms::accept_locked`]).
     /// The soft-fail check is the state-before check against the same state, so it cannot fail
     /// where that passed; the state after is the current state plus the event, one delta.
+    ///
+    /// When every state entry the auth rules asked of the event's auth events (`answers`) is
+    /// the same event in the current state, the check against the current state would ask the
+    /// same and get the same answers, so it is not run again: the rules are a function of the
+    /// event and those answers.
     fn accept_linear(
         &self,
         room: &mut RoomRecord,
         pdu: &Pdu,
         rules: &RoomVersionRules,
+        answers: Option<&AuthAnswers>,
     ) -> Result<Accepted, IngestError> {
         let db = self.db();
         let current = state::load_snapshot(db, &self.inner.snapshots, room.current_snapshot)?;
@@ -895,15 +928,22 @@ impl Rooms {
                 None => Ok(None),
             }
         };
-        ruma::state_res::check_state_dependent_auth_rules(
-            &rules.authorization,
-            pdu,
-            |kind, state_key| {
-                let event_id = lookup(&kind.to_string(), state_key).ok().flatten()?;
-                self.auth_pdu(&event_id).ok().flatten()
-            },
-        )
-        .map_err(IngestError::StateBefore)?;
+        let answered_alike = answers.is_some_and(|answers| {
+            answers.asked.iter().all(|((kind, state_key), answered)| {
+                lookup(&kind.to_string(), state_key).is_ok_and(|current| current == *answered)
+            })
+        });
+        if !answered_alike {
+            ruma::state_res::check_state_dependent_auth_rules(
+                &rules.authorization,
+                pdu,
+                |kind, state_key| {
+                    let event_id = lookup(&kind.to_string(), state_key).ok().flatten()?;
+                    self.auth_pdu(&event_id).ok().flatten()
+                },
+            )
+            .map_err(IngestError::StateBefore)?;
+        }
         let redaction_applies = match &pdu.redacts {
             Some(redacts) => {
                 let mut levels = BTreeMap::new();
@@ -1223,6 +1263,13 @@ impl Rooms {
     }
 }
 
+/// The state entries the state-dependent auth rules asked of an event's auth events, each
+/// with the auth event that answered (`None`: not among them), in the order asked.
+#[derive(Debug, Default)]
+pub(crate) struct AuthAnswers {
+    asked: Vec<((StateEventType, String), Option<OwnedEventId>)>,
+}
+
 /// What [`Rooms::accept_locked`] decided, for the write.
 pub(super) struct Plan {
     pub(super) state_before: BTreeMap<(String, String), OwnedEventId>,
@@ -1309,6 +1356,14 @@ fn conflicted_state_subgraph<P: Borrow<Pdu>>(
         }
     }
     reaches.into_iter().filter(|id| graph.contains_key(id)).collect()
+}
+
+/// A received PDU redacted and serialised for its checks; a PDU that cannot be is malformed.
+fn prepare(
+    json: &CanonicalJsonObject,
+    rules: &RoomVersionRules,
+) -> Result<ReceivedPdu, IngestError> {
+    ReceivedPdu::prepare(json, rules).map_err(|error| IngestError::Malformed(error.to_string()))
 }
 
 /// Whether an `m.room.server_acl` content allows `server`.

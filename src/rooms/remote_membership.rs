@@ -284,7 +284,7 @@ impl Rooms {
                     continue;
                 }
                 match self.check_auth_events(&pdu, &rules) {
-                    Ok(()) => self.store_outlier(&pdu)?,
+                    Ok(_) => self.store_outlier(&pdu)?,
                     Err(reason) => {
                         tracing::info!(event_id = %pdu.event_id, reason, "event fails its auth events");
                         rejected.insert(pdu.event_id.clone());

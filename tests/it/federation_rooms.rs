@@ -588,6 +588,40 @@ async fn events_of_a_user_banned_since_are_soft_failed() {
     assert_eq!(membership["membership"], "ban");
 }
 
+/// An event that follows the room's latest event but cites an auth event the current state has
+/// since replaced passes its own auth events and must still fail against the state before it:
+/// the receive path may skip that second check only when the state answers alike.
+#[tokio::test]
+async fn an_event_citing_a_replaced_membership_fails_against_the_state_before_it() {
+    let setup = Setup::new("public_chat").await;
+    setup.remote_join("bob").await;
+    let bob = setup.remote.user("bob");
+    let mut stale = setup.draft(&bob, "m.room.message", None, json!({"body": "still here?"}));
+    let (status, _) =
+        setup.alice.room_post(setup.room_id.as_str(), "ban", json!({"user_id": bob})).await;
+    assert_eq!(status, 200);
+    let room = setup.rooms().room(&setup.room_id).unwrap().unwrap();
+    // It follows the ban in the DAG, but its auth events still name Bob's join.
+    stale["prev_events"] = json!(room.forward_extremities);
+    stale["depth"] = json!(room.depth + 1);
+    let (stale_id, stale) = setup.sign(stale);
+    let results = setup.send(vec![&stale]).await;
+    assert!(
+        results[&stale_id].starts_with("error: not authorized by the state before it"),
+        "{results:?}"
+    );
+    assert!(setup.rooms().pdu(&stale_id).unwrap().is_none());
+    let after = setup.rooms().room(&setup.room_id).unwrap().unwrap();
+    assert_eq!(after.forward_extremities, room.forward_extremities);
+
+    // A message whose auth events are the current state still comes in the same way.
+    let carol = setup.remote.user("carol");
+    setup.remote_join("carol").await;
+    let (ok_id, ok) =
+        setup.sign(setup.draft(&carol, "m.room.message", None, json!({"body": "hello"})));
+    assert_eq!(setup.send(vec![&ok]).await[&ok_id], "persisted");
+}
+
 /// Two concurrent topic changes, one local and one from remote.test, on two forks of the DAG:
 /// state resolution v2 orders them by power level mainline, then timestamp, then id.
 async fn concurrent_topics(remote_ts_offset_ms: i64) -> (Setup, OwnedEventId, OwnedEventId) {
