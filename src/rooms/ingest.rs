@@ -279,8 +279,8 @@ impl Rooms {
         async move {
             let mut results = TransactionResults::new();
             for value in pdus {
-                let Ok(CanonicalJsonValue::Object(json)) =
-                    ruma::canonical_json::to_canonical_value(value)
+                // Moved, not copied, into the canonical form.
+                let Ok(CanonicalJsonValue::Object(json)) = CanonicalJsonValue::try_from(value)
                 else {
                     tracing::debug!("PDU is not a canonical JSON object: dropped");
                     continue;

@@ -1012,11 +1012,7 @@ impl Rooms {
         pdu: &Pdu,
         short: u64,
     ) -> Result<(), storage::Error> {
-        batch.put_raw(
-            PDUS,
-            pdu.event_id.as_bytes(),
-            pdu.signed_text().map_err(storage::Error::Encode)?.as_bytes(),
-        )?;
+        batch.put_raw(PDUS, pdu.event_id.as_bytes(), pdu.signed_text().as_bytes())?;
         batch.put_raw("event_id_to_short", pdu.event_id.as_bytes(), &keys::encode_u64(short))?;
         batch.put_raw("short_to_event_id", &keys::encode_u64(short), pdu.event_id.as_bytes())?;
         Ok(())

@@ -3,7 +3,7 @@
 //!
 //! [PDUs](https://spec.matrix.org/v1.16/server-server-api/#pdus)
 
-use std::{borrow::Cow, sync::OnceLock};
+use std::sync::OnceLock;
 
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, MilliSecondsSinceUnixEpoch, OwnedEventId, OwnedRoomId,
@@ -44,14 +44,15 @@ pub struct Pdu {
     signed: Signed,
 }
 
-/// The signed JSON of a PDU: the object, when the PDU was built from one, or else the stored
-/// text, parsed into the object only the first time something needs it (federation, hashes,
-/// redaction). Most reads (`/sync`, auth checks, state resolution) need only the parsed fields,
-/// and building and freeing the object of every event they read was most of their cost.
+/// The signed JSON of a PDU: its canonical text (as stored and sent), and the object parsed
+/// from it, only the first time something needs it (federation, hashes, redaction) unless the
+/// PDU was built from the object. Most reads (`/sync`, auth checks, state resolution) need only
+/// the parsed fields, and building and freeing the object of every event they read was most
+/// of their cost.
 #[derive(Clone, Debug)]
-enum Signed {
-    Object(CanonicalJsonObject),
-    Stored { text: Box<str>, object: OnceLock<CanonicalJsonObject> },
+struct Signed {
+    text: Box<str>,
+    object: OnceLock<CanonicalJsonObject>,
 }
 
 /// Why a PDU could not be parsed.
@@ -96,12 +97,13 @@ fn event_refs(values: Vec<Value>) -> Result<Vec<OwnedEventId>, PduError> {
 }
 
 impl Pdu {
-    /// Parses a signed PDU.
+    /// Parses a signed PDU: its canonical text is written once, the fields are parsed from
+    /// it, and both are kept (the text is what is stored).
     pub fn from_json(event_id: OwnedEventId, json: CanonicalJsonObject) -> Result<Self, PduError> {
-        let value = serde_json::to_value(&json).map_err(|error| PduError(error.to_string()))?;
+        let text = serde_json::to_string(&json).map_err(|error| PduError(error.to_string()))?;
         let fields: Fields =
-            serde_json::from_value(value).map_err(|error| PduError(error.to_string()))?;
-        Self::from_fields(event_id, fields, Signed::Object(json))
+            serde_json::from_str(&text).map_err(|error| PduError(error.to_string()))?;
+        Self::from_fields(event_id, fields, Signed { text: text.into(), object: json.into() })
     }
 
     /// Parses a signed PDU from its JSON text (as stored). Only the fields are parsed; the
@@ -110,46 +112,32 @@ impl Pdu {
         let text = std::str::from_utf8(bytes).map_err(|error| PduError(error.to_string()))?;
         let fields: Fields =
             serde_json::from_str(text).map_err(|error| PduError(error.to_string()))?;
-        Self::from_fields(
-            event_id,
-            fields,
-            Signed::Stored { text: text.into(), object: OnceLock::new() },
-        )
+        Self::from_fields(event_id, fields, Signed { text: text.into(), object: OnceLock::new() })
     }
 
     /// The signed PDU exactly as stored and sent to peers, parsed from the stored text the
     /// first time it is asked for.
     pub fn json(&self) -> Result<&CanonicalJsonObject, PduError> {
-        match &self.signed {
-            Signed::Object(object) => Ok(object),
-            Signed::Stored { text, object } => {
-                if let Some(object) = object.get() {
-                    return Ok(object);
-                }
-                let parsed = Self::parse_signed(text)?;
-                Ok(object.get_or_init(|| parsed))
-            }
+        let Signed { text, object } = &self.signed;
+        if let Some(object) = object.get() {
+            return Ok(object);
         }
+        let parsed = Self::parse_signed(text)?;
+        Ok(object.get_or_init(|| parsed))
     }
 
     /// The signed PDU as an owned object (see [`Pdu::json`]).
     pub fn into_json(self) -> Result<CanonicalJsonObject, PduError> {
-        match self.signed {
-            Signed::Object(object) => Ok(object),
-            Signed::Stored { text, object } => match object.into_inner() {
-                Some(object) => Ok(object),
-                None => Self::parse_signed(&text),
-            },
+        let Signed { text, object } = self.signed;
+        match object.into_inner() {
+            Some(object) => Ok(object),
+            None => Self::parse_signed(&text),
         }
     }
 
-    /// The signed PDU as text, for storing: the text it was read from, else the object
-    /// serialised.
-    pub fn signed_text(&self) -> Result<Cow<'_, str>, serde_json::Error> {
-        match &self.signed {
-            Signed::Object(object) => serde_json::to_string(object).map(Cow::Owned),
-            Signed::Stored { text, .. } => Ok(Cow::Borrowed(text)),
-        }
+    /// The signed PDU as canonical JSON text, for storing.
+    pub fn signed_text(&self) -> &str {
+        &self.signed.text
     }
 
     fn parse_signed(text: &str) -> Result<CanonicalJsonObject, PduError> {
@@ -342,14 +330,14 @@ mod tests {
         assert_eq!(stored.sender, "@u:x");
         assert_eq!(stored.auth_events, ["$a"]);
         // Stored again, the text is written back unchanged.
-        assert_eq!(stored.signed_text().unwrap(), text);
+        assert_eq!(stored.signed_text(), text);
         // The object parsed on demand is the one a PDU built from the object holds.
         let object: CanonicalJsonObject = serde_json::from_str(text).unwrap();
         let built = Pdu::from_json(event_id, object.clone()).unwrap();
         assert_eq!(stored.json().unwrap(), &object);
         assert_eq!(stored.json().unwrap(), built.json().unwrap());
         assert_eq!(stored.clone().into_json().unwrap(), object);
-        assert_eq!(built.signed_text().unwrap(), text);
+        assert_eq!(built.signed_text(), text);
         // A stored text that is no canonical JSON fails when the object is asked for.
         let floats = text.replace(r#""n":1"#, r#""n":1.5"#);
         let odd =
