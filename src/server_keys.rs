@@ -5,50 +5,35 @@
 //! Every received PDU asks for its sender's keys, so the rows read are also kept in memory;
 //! all writes go through this store, which updates the kept row under the same lock.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, MutexGuard},
-};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use federation::{KeyStore, StoredServerKeys};
 use ruma::{OwnedServerName, ServerName};
 use storage::Db;
 
+use crate::kept::Kept;
+
 const TABLE: &str = "server_name_to_server_keys";
 
-/// The most servers whose keys are kept in memory (the map is emptied when full).
+/// The most servers whose keys are kept in memory.
 const KEPT_SERVERS_MAX: usize = 1024;
 
 /// The database-backed key store.
 #[derive(Clone)]
 pub struct DbKeyStore {
     db: Db,
-    /// Rows read or written, by server (`None`: no row). Held while reading a missing row
-    /// and while writing, so a read never keeps a row older than the last write.
-    kept: Arc<Mutex<HashMap<OwnedServerName, Option<StoredServerKeys>>>>,
+    /// Rows read or written, by server (`None`: no row).
+    kept: Arc<Kept<OwnedServerName, Option<StoredServerKeys>>>,
+    /// Held while reading a row that is not kept and while writing one, so a read never keeps
+    /// a row older than the last write.
+    filling: Arc<Mutex<()>>,
 }
 
 impl DbKeyStore {
     /// A key store over `db`.
     pub fn new(db: Db) -> Self {
-        Self { db, kept: Arc::default() }
+        Self { db, kept: Arc::new(Kept::new(KEPT_SERVERS_MAX)), filling: Arc::default() }
     }
-
-    fn kept(&self) -> MutexGuard<'_, HashMap<OwnedServerName, Option<StoredServerKeys>>> {
-        self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-}
-
-/// Keeps `row` for `server_name`, emptying `kept` first when it is full.
-fn keep(
-    kept: &mut HashMap<OwnedServerName, Option<StoredServerKeys>>,
-    server_name: &ServerName,
-    row: Option<StoredServerKeys>,
-) {
-    if kept.len() >= KEPT_SERVERS_MAX && !kept.contains_key(server_name) {
-        kept.clear();
-    }
-    kept.insert(server_name.to_owned(), row);
 }
 
 fn store_error(error: storage::Error) -> federation::Error {
@@ -60,13 +45,13 @@ impl KeyStore for DbKeyStore {
         &self,
         server_name: &ServerName,
     ) -> Result<Option<StoredServerKeys>, federation::Error> {
-        let mut kept = self.kept();
-        if let Some(row) = kept.get(server_name) {
-            return Ok(row.clone());
+        if let Some(row) = self.kept.get(server_name) {
+            return Ok(row);
         }
+        let _filling = self.filling.lock().unwrap_or_else(PoisonError::into_inner);
         let row: Option<StoredServerKeys> =
             self.db.get(TABLE, server_name.as_bytes()).map_err(store_error)?;
-        keep(&mut kept, server_name, row.clone());
+        self.kept.insert(server_name.to_owned(), row.clone());
         Ok(row)
     }
 
@@ -75,11 +60,11 @@ impl KeyStore for DbKeyStore {
         server_name: &ServerName,
         keys: &StoredServerKeys,
     ) -> Result<(), federation::Error> {
-        let mut kept = self.kept();
+        let _filling = self.filling.lock().unwrap_or_else(PoisonError::into_inner);
         let mut batch = self.db.batch();
         batch.put(TABLE, server_name.as_bytes(), keys).map_err(store_error)?;
         self.db.write(batch).map_err(store_error)?;
-        keep(&mut kept, server_name, Some(keys.clone()));
+        self.kept.insert(server_name.to_owned(), Some(keys.clone()));
         Ok(())
     }
 }

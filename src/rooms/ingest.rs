@@ -538,19 +538,22 @@ impl Rooms {
 
     /// Format, signatures and content hash of a PDU of `version`, redacting it in place when
     /// only the hash fails ([validating hashes and signatures](https://spec.matrix.org/v1.16/server-server-api/#validating-hashes-and-signatures-on-received-events)).
+    /// Returns its event id, from the same redaction.
     pub(crate) async fn check_signed_pdu(
         &self,
         json: &mut CanonicalJsonObject,
         version: &RoomVersionId,
         rules: &RoomVersionRules,
         remote: &Remote,
-    ) -> Result<(), IngestError> {
+    ) -> Result<OwnedEventId, IngestError> {
         let received = prepare(json, rules)?;
-        self.check_prepared(json, &received, version, rules, remote).await
+        self.check_prepared(json, &received, version, rules, remote).await?;
+        Ok(received.into_event_id())
     }
 
-    /// [`Rooms::check_signed_pdu`] of a PDU prepared from `json`.
-    async fn check_prepared(
+    /// [`Rooms::check_signed_pdu`] of a PDU prepared from `json` (whose event id the caller
+    /// already has from [`prepare`]).
+    pub(super) async fn check_prepared(
         &self,
         json: &mut CanonicalJsonObject,
         received: &ReceivedPdu,
@@ -1359,7 +1362,7 @@ fn conflicted_state_subgraph<P: Borrow<Pdu>>(
 }
 
 /// A received PDU redacted and serialised for its checks; a PDU that cannot be is malformed.
-fn prepare(
+pub(super) fn prepare(
     json: &CanonicalJsonObject,
     rules: &RoomVersionRules,
 ) -> Result<ReceivedPdu, IngestError> {

@@ -576,9 +576,7 @@ impl Rooms {
         let Ok(rules) = federation::signing::rules_for(room_version) else {
             return Err(PeerError::IncompatibleRoomVersion(room_version.clone()));
         };
-        self.check_signed_pdu(&mut json, room_version, &rules, remote).await?;
-        let claimed = federation::signing::event_id_of(&json, room_version)
-            .map_err(|error| PeerError::BadEvent(error.to_string()))?;
+        let claimed = self.check_signed_pdu(&mut json, room_version, &rules, remote).await?;
         if claimed != event_id {
             return Err(PeerError::BadEvent("The event id does not match the event".into()));
         }

@@ -242,11 +242,14 @@ impl Rooms {
         let mut checked: HashMap<OwnedEventId, Pdu> = HashMap::new();
         let mut state_ids: Vec<OwnedEventId> = Vec::new();
         for mut json in auth_chain.into_iter().chain(state.iter().cloned()) {
-            let Ok(event_id) = federation::signing::event_id_of(&json, version) else { continue };
-            if checked.contains_key(&event_id) {
+            let Ok(received) = super::ingest::prepare(&json, &rules) else { continue };
+            if checked.contains_key(received.event_id()) {
                 continue;
             }
-            if let Err(error) = self.check_signed_pdu(&mut json, version, &rules, remote).await {
+            let event_id = received.event_id().clone();
+            if let Err(error) =
+                self.check_prepared(&mut json, &received, version, &rules, remote).await
+            {
                 tracing::info!(%event_id, %error, "event of the joined room dropped");
                 continue;
             }
