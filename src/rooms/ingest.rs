@@ -1235,6 +1235,37 @@ impl Rooms {
                     .collect()
             })
             .collect();
+        // The events of the states and of their auth chains are read in batches, one per
+        // level of the auth DAG, before resolution asks for them one at a time: a batched
+        // lookup shares RocksDB's index and filter work between its keys.
+        let mut frontier: Vec<OwnedEventId> = {
+            let ids: FastSet<&OwnedEventId> = states.iter().flat_map(BTreeMap::values).collect();
+            ids.into_iter().cloned().collect()
+        };
+        let bound = AUTH_CHAIN_EVENTS_MAX.saturating_mul(states.len());
+        while !frontier.is_empty() && cache.borrow().len() <= bound {
+            let missing: Vec<OwnedEventId> = {
+                let cache = cache.borrow();
+                frontier.into_iter().filter(|id| !cache.contains_key(id)).collect()
+            };
+            // A stored PDU that does not parse is left to `fetch`, which treats it as missing.
+            let Ok(found) = self.pdus(&missing) else { break };
+            let mut cache = cache.borrow_mut();
+            let mut next: FastSet<OwnedEventId> = FastSet::default();
+            for (event_id, pdu) in missing.into_iter().zip(found) {
+                let pdu = match extra {
+                    Some(extra) if extra.event_id == event_id => Some(Arc::new(extra.clone())),
+                    _ => pdu.map(Arc::new),
+                };
+                if let Some(pdu) = &pdu {
+                    next.extend(
+                        pdu.auth_events.iter().filter(|id| !cache.contains_key(*id)).cloned(),
+                    );
+                }
+                cache.insert(event_id, pdu);
+            }
+            frontier = next.into_iter().collect();
+        }
         let mut auth_chains = Vec::new();
         for map in &maps {
             let chain =

@@ -17,6 +17,7 @@ pub mod remote_membership;
 pub mod state;
 
 use std::{
+    borrow::Borrow,
     collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex},
 };
@@ -408,6 +409,28 @@ impl Rooms {
         parsed
             .transpose()
             .map_err(|error| pdu::PduError(format!("stored PDU {event_id}: {}", error.0)).into())
+    }
+
+    /// The stored PDUs of many events, read in one batched lookup, in the order of `event_ids`
+    /// (`None`: not stored). A stored PDU that does not parse is an error, as in [`Rooms::pdu`].
+    pub fn pdus<I: Borrow<EventId>>(&self, event_ids: &[I]) -> Result<Vec<Option<Pdu>>, RoomError> {
+        let mut found: Vec<Option<Pdu>> = Vec::new();
+        found.resize_with(event_ids.len(), || None);
+        let mut failed = None;
+        let keys: Vec<&[u8]> = event_ids.iter().map(|id| id.borrow().as_bytes()).collect();
+        self.db().read_many(PDUS, &keys, |index, bytes| {
+            let event_id = event_ids[index].borrow();
+            match Pdu::from_slice(event_id.to_owned(), bytes) {
+                Ok(pdu) => found[index] = Some(pdu),
+                Err(error) => {
+                    failed.get_or_insert_with(|| format!("stored PDU {event_id}: {}", error.0));
+                }
+            }
+        })?;
+        match failed {
+            Some(error) => Err(pdu::PduError(error).into()),
+            None => Ok(found),
+        }
     }
 
     /// The PDU of a state event used in an auth check, shared: kept in memory between checks

@@ -72,28 +72,49 @@ struct Fields {
     #[serde(default)]
     state_key: Option<String>,
     #[serde(default)]
-    prev_events: Vec<Value>,
+    prev_events: Vec<EventRef>,
     #[serde(default)]
-    auth_events: Vec<Value>,
+    auth_events: Vec<EventRef>,
     #[serde(default)]
     depth: u64,
     #[serde(default)]
     redacts: Option<OwnedEventId>,
 }
 
-/// Event references are plain ids since room version 3 and `[id, {hashes}]` pairs before.
-fn event_refs(values: Vec<Value>) -> Result<Vec<OwnedEventId>, PduError> {
-    values
-        .into_iter()
-        .map(|value| {
-            let id = match &value {
-                Value::String(id) => id.as_str(),
-                Value::Array(pair) => pair.first().and_then(Value::as_str).unwrap_or(""),
-                _ => "",
-            };
-            OwnedEventId::try_from(id).map_err(|_| PduError(format!("bad event reference {value}")))
-        })
-        .collect()
+/// An event reference: a plain id since room version 3, an `[id, {hashes}]` pair before. Read
+/// straight into the id, without building a JSON value of it first.
+struct EventRef(OwnedEventId);
+
+impl<'de> Deserialize<'de> for EventRef {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = EventRef;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str("an event id, or an [event id, hashes] pair")
+            }
+            fn visit_str<E: serde::de::Error>(self, id: &str) -> Result<EventRef, E> {
+                OwnedEventId::try_from(id)
+                    .map(EventRef)
+                    .map_err(|_| E::custom(format!("bad event reference {id:?}")))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<EventRef, A::Error> {
+                let id: EventRef = seq
+                    .next_element()?
+                    .ok_or_else(|| serde::de::Error::custom("empty event reference"))?;
+                while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                Ok(id)
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
+}
+
+fn event_refs(refs: Vec<EventRef>) -> Vec<OwnedEventId> {
+    refs.into_iter().map(|EventRef(id)| id).collect()
 }
 
 impl Pdu {
@@ -149,7 +170,12 @@ impl Pdu {
         fields: Fields,
         signed: Signed,
     ) -> Result<Self, PduError> {
-        let redacts = fields.redacts.or_else(|| {
+        // Only a redaction redacts: the content of any other event is not parsed again.
+        let is_redaction = fields.kind == TimelineEventType::RoomRedaction;
+        let redacts = fields.redacts.filter(|_| is_redaction).or_else(|| {
+            if !is_redaction {
+                return None;
+            }
             #[derive(Deserialize)]
             struct Redacts {
                 redacts: Option<OwnedEventId>,
@@ -176,8 +202,8 @@ impl Pdu {
             kind: fields.kind,
             content: fields.content,
             state_key: fields.state_key,
-            prev_events: event_refs(fields.prev_events)?,
-            auth_events: event_refs(fields.auth_events)?,
+            prev_events: event_refs(fields.prev_events),
+            auth_events: event_refs(fields.auth_events),
             depth: fields.depth,
             redacts,
             has_room_id,
@@ -343,5 +369,29 @@ mod tests {
         let odd =
             Pdu::from_slice(OwnedEventId::try_from("$f").unwrap(), floats.as_bytes()).unwrap();
         assert!(odd.json().is_err());
+    }
+
+    #[test]
+    fn event_references_parse_in_both_formats_and_only_redactions_redact() {
+        let parse =
+            |text: &str| Pdu::from_slice(OwnedEventId::try_from("$e:x").unwrap(), text.as_bytes());
+        // Room versions 1 and 2: `[id, {hashes}]` pairs.
+        let old = parse(r#"{"auth_events":[["$a:x",{"sha256":"h"}]],"content":{},"depth":2,"origin_server_ts":5,"prev_events":[["$b:x",{}],["$c:x",{"sha256":"h"}]],"redacts":"$t:x","room_id":"!r:x","sender":"@u:x","type":"m.room.redaction"}"#).unwrap();
+        assert_eq!(old.auth_events, ["$a:x"]);
+        assert_eq!(old.prev_events, ["$b:x", "$c:x"]);
+        assert_eq!(old.redacts.as_ref().map(|id| id.as_str()), Some("$t:x"));
+        // Since room version 11 the redacted event is in the content.
+        let new = parse(r#"{"auth_events":["$a"],"content":{"redacts":"$t"},"depth":2,"origin_server_ts":5,"prev_events":["$b"],"room_id":"!r:x","sender":"@u:x","type":"m.room.redaction"}"#).unwrap();
+        assert_eq!(new.redacts.as_ref().map(|id| id.as_str()), Some("$t"));
+        // Any other event redacts nothing, whatever it carries.
+        let message = parse(r#"{"auth_events":["$a"],"content":{"redacts":"$t"},"depth":2,"origin_server_ts":5,"prev_events":["$b"],"redacts":"$t","room_id":"!r:x","sender":"@u:x","type":"m.room.message"}"#).unwrap();
+        assert_eq!(message.redacts, None);
+        // A reference that is no event id, or an empty pair, is an error.
+        for refs in [r#"["nope"]"#, "[[]]", "[1]"] {
+            let text = format!(
+                r#"{{"auth_events":{refs},"content":{{}},"depth":2,"origin_server_ts":5,"prev_events":[],"room_id":"!r:x","sender":"@u:x","type":"m.room.message"}}"#
+            );
+            assert!(parse(&text).is_err(), "{refs}");
+        }
     }
 }
