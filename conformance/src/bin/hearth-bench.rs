@@ -666,10 +666,18 @@ better Hearth is (throughput: Hearth / Synapse; times, memory and bytes: Synapse
     // The server binary of every run behind the page, as its command line named it.
     let commands = std::iter::once(results.command.as_str())
         .chain(results.merged.iter().map(|earlier| earlier.command.as_str()));
-    if commands.into_iter().any(|command| command.contains("/debug/hearth ")) {
+    let mut profiles: Vec<&str> = commands.filter_map(hearth_profile).collect();
+    profiles.sort_unstable();
+    profiles.dedup();
+    for profile in profiles {
         let _ = writeln!(
             page,
-            "- Hearth binary: a `dev` (debug) build in at least one run (see Reproduce); a release build is faster"
+            "- Hearth binary: built with the `{profile}` cargo profile{}",
+            match profile {
+                "debug" => " in at least one run (see Reproduce); a release build is faster",
+                "release" => " (the shipped `dist` build adds whole-program optimisation)",
+                _ => "",
+            }
         );
     }
     if let Some(profile) = &results.s6_profile {
@@ -745,9 +753,7 @@ fn reproducible(command: &str) -> String {
     let mut args: Vec<String> = command.split_whitespace().skip(1).map(str::to_owned).collect();
     let mut build = None;
     if let Some(index) = args.iter().position(|arg| arg == "--hearth-bin")
-        && let Some(path) = args.get(index + 1)
-        && let Some(profile) = path.strip_suffix("/hearth").and_then(|dir| dir.rsplit('/').next())
-        && ["release", "dist", "debug"].contains(&profile)
+        && let Some(profile) = hearth_profile(command)
     {
         build = Some(match profile {
             "release" => "cargo build --release --bin hearth".to_owned(),
@@ -762,6 +768,14 @@ fn reproducible(command: &str) -> String {
         Some(build) => format!("{build}\n{run}"),
         None => run,
     }
+}
+
+/// The cargo profile of the Hearth binary a run's command line names (`--hearth-bin` in a
+/// cargo target directory: `release`, `dist` or `debug`).
+fn hearth_profile(command: &str) -> Option<&str> {
+    let path = option_value(command, "--hearth-bin")?;
+    let profile = path.strip_suffix("/hearth")?.rsplit('/').next()?;
+    ["release", "dist", "debug"].contains(&profile).then_some(profile)
 }
 
 /// The value given to `option` on a command line.
