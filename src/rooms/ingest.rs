@@ -1212,15 +1212,18 @@ impl Rooms {
         // Resolution asks for the same events again and again (both auth chains, the sorts,
         // and every iterative auth check reads the event's auth events): each is read from the
         // store and parsed once per resolution, then shared.
-        let cache: RefCell<FastMap<OwnedEventId, Option<Arc<Pdu>>>> = RefCell::default();
+        // The event not stored yet is in it from the start.
+        let cache: RefCell<FastMap<OwnedEventId, Option<Arc<Pdu>>>> = RefCell::new(
+            extra
+                .map(|extra| (extra.event_id.clone(), Some(Arc::new(extra.clone()))))
+                .into_iter()
+                .collect(),
+        );
         let fetch = |event_id: &EventId| -> Option<Arc<Pdu>> {
             if let Some(found) = cache.borrow().get(event_id) {
                 return found.clone();
             }
-            let found = match extra {
-                Some(extra) if extra.event_id == event_id => Some(Arc::new(extra.clone())),
-                _ => self.pdu(event_id).ok().flatten().map(Arc::new),
-            };
+            let found = self.pdu(event_id).ok().flatten().map(Arc::new);
             cache.borrow_mut().insert(event_id.to_owned(), found.clone());
             found
         };
@@ -1253,10 +1256,7 @@ impl Rooms {
             let mut cache = cache.borrow_mut();
             let mut next: FastSet<OwnedEventId> = FastSet::default();
             for (event_id, pdu) in missing.into_iter().zip(found) {
-                let pdu = match extra {
-                    Some(extra) if extra.event_id == event_id => Some(Arc::new(extra.clone())),
-                    _ => pdu.map(Arc::new),
-                };
+                let pdu = pdu.map(Arc::new);
                 if let Some(pdu) = &pdu {
                     next.extend(
                         pdu.auth_events.iter().filter(|id| !cache.contains_key(*id)).cloned(),

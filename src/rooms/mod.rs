@@ -237,6 +237,12 @@ impl Default for AuthPduCache {
     }
 }
 
+/// A stored PDU parsed; an error names the event.
+fn parse_stored(event_id: &EventId, bytes: &[u8]) -> Result<Pdu, pdu::PduError> {
+    Pdu::from_slice(event_id.to_owned(), bytes)
+        .map_err(|error| pdu::PduError(format!("stored PDU {event_id}: {}", error.0)))
+}
+
 /// The per-room async lock of `locks`, made on first use.
 fn lock_of(
     locks: &Mutex<HashMap<OwnedRoomId, Arc<tokio::sync::Mutex<()>>>>,
@@ -403,12 +409,9 @@ impl Rooms {
 
     /// A PDU by id.
     pub fn pdu(&self, event_id: &EventId) -> Result<Option<Pdu>, RoomError> {
-        let parsed = self
-            .db()
-            .read(PDUS, event_id.as_bytes(), |bytes| Pdu::from_slice(event_id.to_owned(), bytes))?;
-        parsed
-            .transpose()
-            .map_err(|error| pdu::PduError(format!("stored PDU {event_id}: {}", error.0)).into())
+        let parsed =
+            self.db().read(PDUS, event_id.as_bytes(), |bytes| parse_stored(event_id, bytes))?;
+        Ok(parsed.transpose()?)
     }
 
     /// The stored PDUs of many events, read in one batched lookup, in the order of `event_ids`
@@ -420,15 +423,15 @@ impl Rooms {
         let keys: Vec<&[u8]> = event_ids.iter().map(|id| id.borrow().as_bytes()).collect();
         self.db().read_many(PDUS, &keys, |index, bytes| {
             let event_id = event_ids[index].borrow();
-            match Pdu::from_slice(event_id.to_owned(), bytes) {
+            match parse_stored(event_id, bytes) {
                 Ok(pdu) => found[index] = Some(pdu),
                 Err(error) => {
-                    failed.get_or_insert_with(|| format!("stored PDU {event_id}: {}", error.0));
+                    failed.get_or_insert(error);
                 }
             }
         })?;
         match failed {
-            Some(error) => Err(pdu::PduError(error).into()),
+            Some(error) => Err(error.into()),
             None => Ok(found),
         }
     }

@@ -171,19 +171,19 @@ impl Pdu {
         signed: Signed,
     ) -> Result<Self, PduError> {
         // Only a redaction redacts: the content of any other event is not parsed again.
-        let is_redaction = fields.kind == TimelineEventType::RoomRedaction;
-        let redacts = fields.redacts.filter(|_| is_redaction).or_else(|| {
-            if !is_redaction {
-                return None;
-            }
+        let redacts = if fields.kind == TimelineEventType::RoomRedaction {
             #[derive(Deserialize)]
             struct Redacts {
                 redacts: Option<OwnedEventId>,
             }
-            serde_json::from_str::<Redacts>(fields.content.get())
-                .ok()
-                .and_then(|content| content.redacts)
-        });
+            fields.redacts.or_else(|| {
+                serde_json::from_str::<Redacts>(fields.content.get())
+                    .ok()
+                    .and_then(|content| content.redacts)
+            })
+        } else {
+            None
+        };
         // Since room version 12 the create event has no room id: the room id is derived from it.
         let has_room_id = fields.room_id.is_some();
         let room_id = match fields.room_id {

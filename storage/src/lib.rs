@@ -483,7 +483,7 @@ mod tests {
                 .unwrap();
         }
         db.write(batch).unwrap();
-        db.inner.rocks.flush_cf(&db.table("event_id_to_pdu").unwrap()).unwrap();
+        db.flush().unwrap();
         let mut batch = db.batch();
         batch.put_raw("event_id_to_pdu", b"$fresh", b"fresh").unwrap();
         db.write(batch).unwrap();
