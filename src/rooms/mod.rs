@@ -220,6 +220,9 @@ struct Inner {
     limits: ingest::Limits,
 }
 
+/// How many PDUs [`Rooms::pdus`] reads in one batched lookup.
+const PDUS_PER_BATCH_READ: usize = 1024;
+
 /// How many parsed auth events are kept before the kept ones are dropped and read again.
 const AUTH_PDUS_MAX: usize = 1024;
 
@@ -417,23 +420,26 @@ impl Rooms {
     /// The stored PDUs of many events, read in one batched lookup, in the order of `event_ids`
     /// (`None`: not stored). A stored PDU that does not parse is an error, as in [`Rooms::pdu`].
     pub fn pdus<I: Borrow<EventId>>(&self, event_ids: &[I]) -> Result<Vec<Option<Pdu>>, RoomError> {
-        let mut found: Vec<Option<Pdu>> = Vec::new();
-        found.resize_with(event_ids.len(), || None);
-        let mut failed = None;
-        let keys: Vec<&[u8]> = event_ids.iter().map(|id| id.borrow().as_bytes()).collect();
-        self.db().read_many(PDUS, &keys, |index, bytes| {
-            let event_id = event_ids[index].borrow();
-            match parse_stored(event_id, bytes) {
-                Ok(pdu) => found[index] = Some(pdu),
-                Err(error) => {
-                    failed.get_or_insert(error);
+        let mut found: Vec<Option<Pdu>> = Vec::with_capacity(event_ids.len());
+        // In batches of a bounded size: a batch's values are held until all of them are read.
+        for ids in event_ids.chunks(PDUS_PER_BATCH_READ) {
+            let start = found.len();
+            found.resize_with(start + ids.len(), || None);
+            let mut failed = None;
+            let keys: Vec<&[u8]> = ids.iter().map(|id| id.borrow().as_bytes()).collect();
+            self.db().read_many(PDUS, &keys, |index, bytes| {
+                match parse_stored(ids[index].borrow(), bytes) {
+                    Ok(pdu) => found[start + index] = Some(pdu),
+                    Err(error) => {
+                        failed.get_or_insert(error);
+                    }
                 }
+            })?;
+            if let Some(error) = failed {
+                return Err(error.into());
             }
-        })?;
-        match failed {
-            Some(error) => Err(error.into()),
-            None => Ok(found),
         }
+        Ok(found)
     }
 
     /// The PDU of a state event used in an auth check, shared: kept in memory between checks

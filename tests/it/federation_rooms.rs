@@ -702,6 +702,33 @@ async fn a_fork_is_resolved_by_state_resolution() {
 }
 
 #[tokio::test]
+async fn batched_pdu_reads_answer_like_single_reads() {
+    // State resolution reads its events in batches (`Rooms::pdus`), more than one batch here.
+    let setup = Setup::new("public_chat").await;
+    let room = setup.rooms().room(&setup.room_id).unwrap().unwrap();
+    let tip = setup.rooms().pdu(&room.forward_extremities[0]).unwrap().unwrap();
+    let mut stored = tip.auth_events.clone();
+    stored.push(tip.event_id.clone());
+    let ids: Vec<OwnedEventId> = (0..2_500)
+        .map(|index| match index % 3 {
+            0 => OwnedEventId::try_from(format!("$missing{index}")).unwrap(),
+            _ => stored[index % stored.len()].clone(),
+        })
+        .collect();
+    let batched = setup.rooms().pdus(&ids).unwrap();
+    assert_eq!(batched.len(), ids.len());
+    for (event_id, found) in ids.iter().zip(&batched) {
+        let single = setup.rooms().pdu(event_id).unwrap();
+        assert_eq!(
+            found.as_ref().map(|pdu| (&pdu.event_id, pdu.signed_text())),
+            single.as_ref().map(|pdu| (&pdu.event_id, pdu.signed_text())),
+            "{event_id}"
+        );
+    }
+    assert_eq!(batched.iter().filter(|found| found.is_some()).count(), 2_500 - 834);
+}
+
+#[tokio::test]
 async fn oversized_transactions_are_refused_whole() {
     let setup = Setup::new("public_chat").await;
     let pdus = vec![json!({}); 51];
