@@ -1,5 +1,6 @@
 //! S6 of the performance issue: state resolution on generated forks, through Hearth's own path
-//! (`Rooms::resolve_states`: auth chains read from the store, then ruma's state resolution v2).
+//! (`Rooms::resolve_states`: the events and their auth chains read from the store in batches,
+//! then Hearth's own state resolution v2 over dense ids, `src/rooms/resolution.rs`).
 //!
 //! Each fork is a room of version 11 whose events are real signed PDUs stored in a RocksDB in a
 //! temp dir: a create event, the creator's join, power levels, public join rules and `m` joined

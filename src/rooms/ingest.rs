@@ -24,7 +24,6 @@ use ruma::{
     room_version_rules::RoomVersionRules,
     serde::Base64,
     signatures::Verified,
-    state_res::{StateMap, utils::event_id_set::EventIdSet},
 };
 use serde_json::Value;
 use storage::Batch;
@@ -1209,82 +1208,21 @@ impl Rooms {
                 "state resolution v1 (room version 1) is not supported".into(),
             ));
         };
-        // Resolution asks for the same events again and again (both auth chains, the sorts,
-        // and every iterative auth check reads the event's auth events): each is read from the
-        // store and parsed once per resolution, then shared.
-        // The event not stored yet is in it from the start.
-        let cache: RefCell<FastMap<OwnedEventId, Option<Arc<Pdu>>>> = RefCell::new(
-            extra
-                .map(|extra| (extra.event_id.clone(), Some(Arc::new(extra.clone()))))
-                .into_iter()
-                .collect(),
-        );
-        let fetch = |event_id: &EventId| -> Option<Arc<Pdu>> {
-            if let Some(found) = cache.borrow().get(event_id) {
-                return found.clone();
-            }
-            let found = self.pdu(event_id).ok().flatten().map(Arc::new);
-            cache.borrow_mut().insert(event_id.to_owned(), found.clone());
-            found
+        // Read in batches; a batch that fails (a stored PDU that does not parse) is read again
+        // one by one, each failure taken as missing.
+        let read = |ids: &[OwnedEventId]| match self.pdus(ids) {
+            Ok(found) => found,
+            Err(_) => ids.iter().map(|id| self.pdu(id).ok().flatten()).collect(),
         };
-        let maps: Vec<StateMap<OwnedEventId>> = states
-            .iter()
-            .map(|state| {
-                state
-                    .iter()
-                    .map(|((kind, key), id)| {
-                        ((StateEventType::from(kind.as_str()), key.clone()), id.clone())
-                    })
-                    .collect()
-            })
-            .collect();
-        // The events of the states and of their auth chains are read in batches, one per
-        // level of the auth DAG, before resolution asks for them one at a time: a batched
-        // lookup shares RocksDB's index and filter work between its keys.
-        let mut frontier: Vec<OwnedEventId> = {
-            let ids: FastSet<&OwnedEventId> = states.iter().flat_map(BTreeMap::values).collect();
-            ids.into_iter().cloned().collect()
-        };
-        let bound = AUTH_CHAIN_EVENTS_MAX.saturating_mul(states.len());
-        while !frontier.is_empty() && cache.borrow().len() <= bound {
-            let missing: Vec<OwnedEventId> = {
-                let cache = cache.borrow();
-                frontier.into_iter().filter(|id| !cache.contains_key(id)).collect()
-            };
-            // A stored PDU that does not parse is left to `fetch`, which treats it as missing.
-            let Ok(found) = self.pdus(&missing) else { break };
-            let mut cache = cache.borrow_mut();
-            let mut next: FastSet<OwnedEventId> = FastSet::default();
-            for (event_id, pdu) in missing.into_iter().zip(found) {
-                let pdu = pdu.map(Arc::new);
-                if let Some(pdu) = &pdu {
-                    next.extend(
-                        pdu.auth_events.iter().filter(|id| !cache.contains_key(*id)).cloned(),
-                    );
-                }
-                cache.insert(event_id, pdu);
-            }
-            frontier = next.into_iter().collect();
-        }
-        let mut auth_chains = Vec::new();
-        for map in &maps {
-            let chain =
-                auth_chain(map.values().cloned(), &fetch).map_err(IngestError::StateResolution)?;
-            auth_chains.push(chain.into_iter().collect::<EventIdSet<OwnedEventId>>());
-        }
-        let resolved = ruma::state_res::resolve(
+        super::resolution::resolve(
             &rules.authorization,
             v2_rules,
-            &maps,
-            auth_chains,
-            fetch,
-            |conflicted| Some(conflicted_state_subgraph(conflicted, &fetch)),
+            &states,
+            extra,
+            AUTH_CHAIN_EVENTS_MAX,
+            read,
         )
-        .map_err(|error| IngestError::StateResolution(error.to_string()))?;
-        Ok(resolved
-            .into_iter()
-            .map(|((kind, key), event_id)| ((kind.to_string(), key), event_id))
-            .collect())
+        .map_err(IngestError::StateResolution)
     }
 
     /// Whether the room's server ACL lets `server` take part
@@ -1327,7 +1265,6 @@ pub(super) struct ShortIds {
 /// Sets and maps of event ids that live for one resolution or walk: seeded, but much faster
 /// than std's SipHash on ids of 44 characters.
 pub(crate) type FastSet<T> = HashSet<T, foldhash::fast::RandomState>;
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Every event reachable through `auth_events` from `start` (not `start` itself unless
 /// reachable), bounded by [`AUTH_CHAIN_EVENTS_MAX`].
@@ -1355,41 +1292,6 @@ pub(crate) fn auth_chain<P: Borrow<Pdu>>(
         }
     }
     Ok(chain)
-}
-
-/// The conflicted state subgraph (room version 12): events on an auth path from one
-/// conflicted event to another, the conflicted events included.
-fn conflicted_state_subgraph<P: Borrow<Pdu>>(
-    conflicted: &StateMap<Vec<OwnedEventId>>,
-    fetch: &impl Fn(&EventId) -> Option<P>,
-) -> EventIdSet<OwnedEventId> {
-    let targets: FastSet<OwnedEventId> = conflicted.values().flatten().cloned().collect();
-    // Everything reachable from a conflicted event, with its auth events.
-    let mut graph: FastMap<OwnedEventId, Vec<OwnedEventId>> = FastMap::default();
-    let mut stack: Vec<OwnedEventId> = targets.iter().cloned().collect();
-    while let Some(event_id) = stack.pop() {
-        if graph.contains_key(&event_id) || graph.len() > AUTH_CHAIN_EVENTS_MAX {
-            continue;
-        }
-        let auth = fetch(&event_id).map(|pdu| pdu.borrow().auth_events.clone()).unwrap_or_default();
-        stack.extend(auth.iter().cloned());
-        graph.insert(event_id, auth);
-    }
-    // An event is on such a path when a conflicted event is reachable from it (itself
-    // included): found by repeating until nothing changes, which the graph's size bounds.
-    let mut reaches: FastSet<OwnedEventId> = targets.clone();
-    loop {
-        let before = reaches.len();
-        for (event_id, auth) in &graph {
-            if !reaches.contains(event_id) && auth.iter().any(|id| reaches.contains(id)) {
-                reaches.insert(event_id.clone());
-            }
-        }
-        if reaches.len() == before {
-            break;
-        }
-    }
-    reaches.into_iter().filter(|id| graph.contains_key(id)).collect()
 }
 
 /// A received PDU redacted and serialised for its checks; a PDU that cannot be is malformed.

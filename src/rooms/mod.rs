@@ -14,6 +14,7 @@ pub mod membership;
 pub mod pdu;
 pub mod peers;
 pub mod remote_membership;
+mod resolution;
 pub mod state;
 
 use std::{
