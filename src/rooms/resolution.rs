@@ -188,7 +188,8 @@ pub(crate) fn resolve(
     // The extra event and the room's create event may come on top.
     let bound = chain_max.saturating_mul(states.len()).saturating_add(state_ids + 2);
     arena.load(bound, &mut read)?;
-    // Since room version 12 the create event is no auth event; its id is the room's.
+    // The room's create event. Since room version 12 it is no auth event, and its id is the
+    // room's; before, it is the one create event among the events read.
     let room_create = if auth_rules.room_create_event_id_as_room_id {
         let room_id = (0..arena.nodes.len() as u32)
             .filter_map(|id| arena.pdu(id))
@@ -203,7 +204,9 @@ pub(crate) fn resolve(
             None => None,
         }
     } else {
-        None
+        (0..arena.nodes.len() as u32).find(|&id| {
+            arena.pdu(id).is_some_and(|pdu| is_type_and_key(pdu, &TimelineEventType::RoomCreate))
+        })
     };
     let create_key = arena.key(TimelineEventType::RoomCreate, String::new());
     let resolver = Resolver { arena, auth_rules, room_create, create_key };
@@ -219,7 +222,7 @@ fn create_event_id(room_id: &RoomId) -> Option<OwnedEventId> {
 struct Resolver<'a> {
     arena: Arena,
     auth_rules: &'a AuthorizationRules,
-    /// The room's create event, where its id is the room's (room version 12).
+    /// The room's create event.
     room_create: Option<u32>,
     /// The dense id of (`m.room.create`, "").
     create_key: u32,
@@ -511,8 +514,10 @@ impl Resolver<'_> {
         Ok(sorted)
     }
 
-    /// The power level of an event's sender by the power levels event among its auth events
-    /// (the room creators are learnt from the first create event met).
+    /// The power level of an event's sender by the power levels event among its auth events.
+    /// The room's creators are learnt from the first create event met: among an event's auth
+    /// events, or else the room's. (ruma learns them only from auth events, in its hash order,
+    /// so that an event that does not cite the create event may get another answer there.)
     fn power_level_for_sender(
         &self,
         event: u32,
@@ -542,7 +547,8 @@ impl Resolver<'_> {
             }
         }
         if creators.is_none()
-            && let Some(create) = create
+            && let Some(create) =
+                create.or_else(|| self.room_create.and_then(|id| self.arena.pdu(id)))
         {
             *creators = Some(RoomCreateEvent::new(create).creators(rules)?);
         }
@@ -913,9 +919,14 @@ mod tests {
                         auth.push(pdu.event_id.clone());
                     }
                 }
-                if self.rng.gen_bool(0.05) && !auth.is_empty() {
-                    let drop = self.rng.gen_range(0..auth.len());
-                    auth.remove(drop);
+                // Sometimes one is missing, but never the create event: where an event does
+                // not cite it, ruma's answer depends on its hash order (see
+                // `power_level_for_sender`).
+                let create = self.events.first().map(|pdu| pdu.event_id.clone());
+                let droppable: Vec<usize> =
+                    (0..auth.len()).filter(|&at| Some(&auth[at]) != create.as_ref()).collect();
+                if self.rng.gen_bool(0.05) && !droppable.is_empty() {
+                    auth.remove(droppable[self.rng.gen_range(0..droppable.len())]);
                 }
                 auth.shuffle(&mut self.rng);
             }
