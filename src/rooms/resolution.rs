@@ -62,7 +62,8 @@ struct Arena {
     nodes: Vec<Option<Node>>,
     /// Ids met but not read yet.
     pending: Vec<u32>,
-    keys: FastMap<(TimelineEventType, String), u32>,
+    /// Dense ids of (type, state key), by type, then by state key (looked up without a copy).
+    keys: FastMap<TimelineEventType, FastMap<String, u32>>,
     /// Each dense (type, state key), as the keys of `keys`.
     key_types: Vec<(TimelineEventType, String)>,
 }
@@ -92,25 +93,26 @@ impl Arena {
         id
     }
 
-    fn key(&mut self, kind: TimelineEventType, state_key: String) -> u32 {
-        if let Some(&key) = self.keys.get(&(kind.clone(), state_key.clone())) {
+    fn key(&mut self, kind: &TimelineEventType, state_key: &str) -> u32 {
+        if let Some(&key) = self.keys.get(kind).and_then(|keys| keys.get(state_key)) {
             return key;
         }
         let key = self.key_types.len() as u32;
-        self.key_types.push((kind.clone(), state_key.clone()));
-        self.keys.insert((kind, state_key), key);
+        self.key_types.push((kind.clone(), state_key.to_owned()));
+        self.keys.entry(kind.clone()).or_default().insert(state_key.to_owned(), key);
         key
     }
 
-    fn key_of(&self, kind: &StateEventType, state_key: String) -> Option<u32> {
-        self.keys.get(&(TimelineEventType::from(kind.clone()), state_key)).copied()
+    fn key_of(&self, kind: &StateEventType, state_key: &str) -> Option<u32> {
+        let kind = TimelineEventType::from(kind.clone());
+        self.keys.get(&kind).and_then(|keys| keys.get(state_key)).copied()
     }
 
     /// Places a read (or given) event at its id; its auth events are interned.
     fn place(&mut self, id: u32, pdu: Arc<Pdu>) {
         let auth = pdu.auth_events.iter().map(|auth| self.intern(auth)).collect();
         let key = match &pdu.state_key {
-            Some(state_key) => self.key(pdu.kind.clone(), state_key.clone()),
+            Some(state_key) => self.key(&pdu.kind, state_key),
             None => NONE,
         };
         self.nodes[id as usize] = Some(Node { pdu, auth, key });
@@ -178,7 +180,7 @@ pub(crate) fn resolve(
             state
                 .iter()
                 .map(|((kind, state_key), event_id)| {
-                    let key = arena.key(TimelineEventType::from(kind.as_str()), state_key.clone());
+                    let key = arena.key(&TimelineEventType::from(kind.as_str()), state_key);
                     (key, arena.intern(event_id))
                 })
                 .collect()
@@ -208,7 +210,7 @@ pub(crate) fn resolve(
             arena.pdu(id).is_some_and(|pdu| is_type_and_key(pdu, &TimelineEventType::RoomCreate))
         })
     };
-    let create_key = arena.key(TimelineEventType::RoomCreate, String::new());
+    let create_key = arena.key(&TimelineEventType::RoomCreate, "");
     let resolver = Resolver { arena, auth_rules, room_create, create_key };
     resolver.run(rules, &dense, chain_max)
 }
@@ -312,9 +314,8 @@ impl Resolver<'_> {
             .collect();
         let power_levels = self
             .arena
-            .keys
-            .get(&(TimelineEventType::RoomPowerLevels, String::new()))
-            .map(|&key| state[key as usize])
+            .key_of(&StateEventType::RoomPowerLevels, "")
+            .map(|key| state[key as usize])
             .filter(|&event| event != NONE);
         let sorted_remaining = self.mainline_sort(&remaining, power_levels)?;
 
@@ -621,7 +622,7 @@ impl Resolver<'_> {
                 continue;
             };
             for (kind, key_state) in auth_types {
-                let Some(key) = self.arena.key_of(&kind, key_state) else { continue };
+                let Some(key) = self.arena.key_of(&kind, &key_state) else { continue };
                 let held = state[key as usize];
                 if held != NONE && self.arena.node(held).is_some() {
                     put(&mut auth_events, key, held);
