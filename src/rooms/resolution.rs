@@ -9,9 +9,13 @@
 //! (`check_state_dependent_auth_rules`, `auth_types_for_event`), called once per event the
 //! iterative auth checks visit.
 //!
-//! It answers exactly what `ruma::state_res::resolve` answers, down to how it treats events
-//! that are missing or malformed: the differential tests below run both on generated forks
-//! of several room versions and compare.
+//! It answers what `ruma::state_res::resolve` answers, down to how it treats events that are
+//! missing or malformed: the differential tests below run both on generated forks of several
+//! room versions and compare. The one difference is where ruma's own answer depends on its
+//! hash order: an event that does not cite the create event (see
+//! `Resolver::power_level_for_sender`). And where power levels events cite each other in a
+//! cycle (possible only where event ids are not hashes), ruma's mainline walk never ends;
+//! ours stops: an error for the mainline, the event left out of the mainline sort.
 
 use std::{
     cmp::{Ordering, Reverse},
