@@ -13,7 +13,7 @@
 //! missing or malformed: the differential tests below run both on generated forks of several
 //! room versions and compare. The one difference is where ruma's own answer depends on its
 //! hash order: an event that does not cite the create event (see
-//! `Resolver::power_level_for_sender`). And where power levels events cite each other in a
+//! `Resolver::sort_power_events`). And where power levels events cite each other in a
 //! cycle (possible only where event ids are not hashes), ruma's mainline walk never ends;
 //! ours stops: an error for the mainline, the event left out of the mainline sort.
 
@@ -173,7 +173,8 @@ pub(crate) fn resolve(
     let mut arena = Arena::new();
     if let Some(extra) = extra {
         let id = arena.intern(&extra.event_id);
-        arena.pending.clear();
+        // Given, so not to be read.
+        arena.pending.retain(|&pending| pending != id);
         arena.place(id, Arc::new(extra.clone()));
     }
     // The states as dense (key, event) pairs. A state's keys are its own, whatever its events
@@ -273,21 +274,11 @@ impl Resolver<'_> {
         // The full conflicted set: the auth difference, the conflicted state set and, since
         // room version 12, the conflicted state subgraph; only events that are stored.
         let mut full = vec![false; events];
-        for event in self.auth_difference(states, chain_max)? {
-            full[event as usize] = true;
-        }
-        for &event in &conflicted {
-            full[event as usize] = true;
-        }
+        let mut include = |event: u32| full[event as usize] = self.arena.node(event).is_some();
+        self.auth_difference(states, chain_max)?.into_iter().for_each(&mut include);
+        conflicted.iter().copied().for_each(&mut include);
         if rules.consider_conflicted_state_subgraph {
-            for event in self.conflicted_subgraph(&conflicted, chain_max) {
-                full[event as usize] = true;
-            }
-        }
-        for (event, member) in full.iter_mut().enumerate() {
-            if *member && self.arena.node(event as u32).is_none() {
-                *member = false;
-            }
+            self.conflicted_subgraph(&conflicted, chain_max).into_iter().for_each(&mut include);
         }
 
         // 1. The power events, with the events of their auth chains in the full conflicted
@@ -474,11 +465,19 @@ impl Resolver<'_> {
         }
         graph.sort_unstable();
 
-        // The sender's power level of each event, from its own auth events.
-        let mut creators: Option<HashSet<OwnedUserId>> = None;
+        // The sender's power level of each event, from its own auth events, and the room's
+        // creators (ruma learns those from the auth events of the first event it looks at that
+        // cites the create event, in its hash order, so that an event that does not cite it
+        // may get another answer there).
+        let creators = match self.room_create.and_then(|id| self.arena.pdu(id)) {
+            Some(create) if !graph.is_empty() => {
+                Some(RoomCreateEvent::new(create).creators(self.auth_rules)?)
+            }
+            _ => None,
+        };
         let mut levels: FastMap<u32, UserPowerLevel> = FastMap::default();
         for &event in &graph {
-            levels.insert(event, self.power_level_for_sender(event, &mut creators)?);
+            levels.insert(event, self.power_level_for_sender(event, creators.as_ref())?);
         }
         let tie_breaker = |event: u32| -> Result<TieBreaker<'_>, String> {
             let pdu = self.arena.pdu(event).ok_or_else(|| not_found(self.arena.id(event)))?;
@@ -519,46 +518,24 @@ impl Resolver<'_> {
         Ok(sorted)
     }
 
-    /// The power level of an event's sender by the power levels event among its auth events.
-    /// The room's creators are learnt from the first create event met: among an event's auth
-    /// events, or else the room's. (ruma learns them only from auth events, in its hash order,
-    /// so that an event that does not cite the create event may get another answer there.)
+    /// The power level of an event's sender by the first power levels event among its auth
+    /// events.
     fn power_level_for_sender(
         &self,
         event: u32,
-        creators: &mut Option<HashSet<OwnedUserId>>,
+        creators: Option<&HashSet<OwnedUserId>>,
     ) -> Result<UserPowerLevel, String> {
         let rules = self.auth_rules;
         let node = self.arena.node(event);
-        let mut create: Option<&Pdu> = None;
-        let mut power_levels: Option<&Pdu> = None;
-        if node.is_some() && rules.room_create_event_id_as_room_id && creators.is_none() {
-            create = self.room_create.and_then(|id| self.arena.pdu(id));
-        }
-        for &auth in node.map(|node| node.auth.as_slice()).unwrap_or_default() {
-            let Some(auth_pdu) = self.arena.pdu(auth) else { continue };
-            if is_type_and_key(auth_pdu, &TimelineEventType::RoomPowerLevels) {
-                power_levels = Some(auth_pdu);
-            } else if !rules.room_create_event_id_as_room_id
-                && creators.is_none()
-                && is_type_and_key(auth_pdu, &TimelineEventType::RoomCreate)
-            {
-                create = Some(auth_pdu);
-            }
-            if power_levels.is_some()
-                && (rules.room_create_event_id_as_room_id || creators.is_some() || create.is_some())
-            {
-                break;
-            }
-        }
-        if creators.is_none()
-            && let Some(create) =
-                create.or_else(|| self.room_create.and_then(|id| self.arena.pdu(id)))
-        {
-            *creators = Some(RoomCreateEvent::new(create).creators(rules)?);
-        }
-        let power_levels = power_levels.map(RoomPowerLevelsEvent::new);
-        match (node, creators.as_ref()) {
+        let power_levels = node
+            .and_then(|node| {
+                node.auth
+                    .iter()
+                    .filter_map(|&auth| self.arena.pdu(auth))
+                    .find(|auth_pdu| is_type_and_key(auth_pdu, &TimelineEventType::RoomPowerLevels))
+            })
+            .map(RoomPowerLevelsEvent::new);
+        match (node, creators) {
             (Some(node), Some(creators)) => {
                 let sender = &node.pdu.sender;
                 if rules.explicitly_privilege_room_creators && creators.contains(sender) {
@@ -650,9 +627,9 @@ impl Resolver<'_> {
         Ok(())
     }
 
-    /// Whether `event` is in the room of `pdu` (the create event found for the room id).
+    /// Whether the create event `create` is of the room of `pdu`.
     fn same_room(&self, create: u32, pdu: &Pdu) -> bool {
-        create_event_id(&pdu.room_id).is_some_and(|id| id == self.arena.id(create))
+        self.arena.pdu(create).is_some_and(|create| create.room_id == pdu.room_id)
     }
 
     /// The events in mainline order of `power_levels`: by mainline position (an event with no
