@@ -9,7 +9,6 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use ruma::{
     OwnedEventId, OwnedUserId, RoomId, UInt, UserId,
-    events::TimelineEventType,
     push::{Action, FlattenedJson, PushConditionRoomCtx, Ruleset},
     serde::Raw,
 };
@@ -21,7 +20,7 @@ use crate::{
     api::{AppState, error::ApiError, extract::Auth},
     filter::{EventFilter, Filter},
     kept::Kept,
-    rooms::{Direction, EventMeta, MembershipRecord, Pdu, RoomError},
+    rooms::{Direction, EventMeta, MembershipRecord, Pdu, RoomError, VisibilityMemo},
 };
 
 /// The default timeline limit of a sync.
@@ -278,9 +277,7 @@ fn timeline(
     let mut cursor = upper.saturating_add(1);
     let floor = lower.map(|lower| lower + 1);
     let mut limited = false;
-    // Whether the viewer may see events of a state snapshot: the same for every event of it
-    // (consecutive messages share one) except the viewer's own member events.
-    let mut seen_snapshot: Option<(u64, bool)> = None;
+    let mut visibility = VisibilityMemo::default();
     'scan: loop {
         let batch = state.rooms.timeline(room_id, cursor, floor, Direction::Backward, 64)?;
         if batch.is_empty() {
@@ -292,28 +289,9 @@ fn timeline(
             else {
                 continue;
             };
-            if !filter.allows_pdu(&pdu) {
-                continue;
-            }
-            let own_member_event = pdu.kind == TimelineEventType::RoomMember
-                && pdu.state_key.as_deref() == Some(viewer.as_str());
-            let visible = match (seen_snapshot, meta.state_before) {
-                (Some((seen, visible)), Some(snapshot))
-                    if seen == snapshot && !own_member_event =>
-                {
-                    visible
-                }
-                (_, snapshot) => {
-                    let visible = state.rooms.visible_to(viewer, &pdu, &meta)?;
-                    if let Some(snapshot) = snapshot
-                        && !own_member_event
-                    {
-                        seen_snapshot = Some((snapshot, visible));
-                    }
-                    visible
-                }
-            };
-            if !visible {
+            if !filter.allows_pdu(&pdu)
+                || !state.rooms.visible_to_memo(viewer, &pdu, &meta, &mut visibility)?
+            {
                 continue;
             }
             if picked.len() == limit {

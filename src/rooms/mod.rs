@@ -241,6 +241,19 @@ impl Default for AuthPduCache {
     }
 }
 
+/// The last answer of [`Rooms::visible_to_memo`]: a state snapshot and whether its events
+/// are visible.
+#[derive(Default)]
+pub struct VisibilityMemo {
+    last: Option<(u64, bool)>,
+}
+
+/// Whether `pdu` is `user_id`'s own member event (whose own membership decides whether they
+/// see it).
+fn own_member_event(user_id: &UserId, pdu: &Pdu) -> bool {
+    pdu.kind == TimelineEventType::RoomMember && pdu.state_key.as_deref() == Some(user_id.as_str())
+}
+
 /// A stored PDU parsed; an error names the event.
 fn parse_stored(event_id: &EventId, bytes: &[u8]) -> Result<Pdu, pdu::PduError> {
     Pdu::from_slice(event_id.to_owned(), bytes)
@@ -1316,6 +1329,29 @@ impl Rooms {
         Ok(())
     }
 
+    /// [`Rooms::visible_to`] with the answers kept in `memo` per state snapshot: they depend
+    /// on the snapshot alone, except for the viewer's own member events, which are asked
+    /// each time. For a scan of one room's events (consecutive messages share a snapshot).
+    pub fn visible_to_memo(
+        &self,
+        user_id: &UserId,
+        pdu: &Pdu,
+        meta: &EventMeta,
+        memo: &mut VisibilityMemo,
+    ) -> Result<bool, RoomError> {
+        let snapshot = meta.state_before.filter(|_| !own_member_event(user_id, pdu));
+        if let (Some(snapshot), Some((seen, visible))) = (snapshot, memo.last)
+            && seen == snapshot
+        {
+            return Ok(visible);
+        }
+        let visible = self.visible_to(user_id, pdu, meta)?;
+        if let Some(snapshot) = snapshot {
+            memo.last = Some((snapshot, visible));
+        }
+        Ok(visible)
+    }
+
     /// Whether `user_id` may see an event under the room's history visibility at that event
     /// ([history visibility](https://spec.matrix.org/v1.16/client-server-api/#history-visibility)).
     /// `shared` and `world_readable` history is visible to anyone allowed into the room's
@@ -1347,9 +1383,7 @@ impl Rooms {
             _ => return Ok(true),
         };
         // For the user's own member event, the membership it establishes counts.
-        let own_member_event = pdu.state_key.as_deref() == Some(user_id.as_str())
-            && pdu.kind == TimelineEventType::RoomMember;
-        let membership = if own_member_event {
+        let membership = if own_member_event(user_id, pdu) {
             pdu.membership()
         } else {
             match self.state_event_at(snapshot, "m.room.member", user_id.as_str())? {
