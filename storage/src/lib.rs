@@ -157,8 +157,8 @@ impl Db {
         options.set_max_open_files(512);
         options.set_keep_log_file_num(4);
         // RocksDB's own log at info level dumps every table's options at each start (over
-        // 200 KiB) and every flush and compaction: disk that holds no data (a fifth of S7's
-        // bytes per message at 5,000 messages). Warnings and errors are still written.
+        // 200 KiB) and every flush and compaction: disk that holds no data, counted in S7's
+        // bytes per message. Warnings and errors are still written.
         options.set_log_level(rocksdb::LogLevel::Warn);
         options.increase_parallelism(2);
         // Memory: every table would otherwise get its own block cache and 64 MiB memtables,
