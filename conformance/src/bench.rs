@@ -733,6 +733,9 @@ async fn send_pdus(
         }
         batches.push((pdus, ids));
     }
+    // So is every transaction, with its X-Matrix signature: the signature covers the body,
+    // and making and signing 50 PDUs' worth of canonical JSON is the tool's work.
+    let mut signed = Vec::with_capacity(batches.len());
     for (transactions, (pdus, ids)) in (1u64..).zip(batches) {
         let body = json!({
             "origin": peer.server_name(),
@@ -741,12 +744,18 @@ async fn send_pdus(
             "edus": [],
         });
         let path = peer.transaction_path(transactions);
-        if transactions == 1 {
-            sent.started = Instant::now();
-        }
-        let (status, answer) = peer
-            .request(target.base_url, target.server_name, reqwest::Method::PUT, &path, Some(&body))
-            .await?;
+        let request = peer.sign_request(
+            target.base_url,
+            target.server_name,
+            reqwest::Method::PUT,
+            &path,
+            Some(&body),
+        )?;
+        signed.push((request, ids));
+    }
+    sent.started = Instant::now();
+    for (request, ids) in signed {
+        let (status, answer) = peer.send(&request).await?;
         ensure!(status == 200, "send transaction: {status} {}", crate::client::short(&answer));
         // The next transaction waits until the server holds this one's last PDU: a server
         // that answers before processing (Synapse) would otherwise get a queue it prunes.

@@ -58,6 +58,15 @@ impl Drop for Peer {
     }
 }
 
+/// A federation request signed by the peer (X-Matrix), ready to send.
+pub struct SignedRequest {
+    url: String,
+    method: reqwest::Method,
+    authorization: String,
+    /// The JSON body, serialised.
+    body: Option<Vec<u8>>,
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |elapsed| elapsed.as_millis() as u64)
@@ -170,6 +179,20 @@ impl Peer {
         path: &str,
         body: Option<&Value>,
     ) -> Result<(u16, Value)> {
+        let signed = self.sign_request(base_url, destination, method, path, body)?;
+        self.send(&signed).await
+    }
+
+    /// Signs a request for `destination` without sending it: its URL, `Authorization` header
+    /// and body bytes, so that a benchmark can do this work before its clock starts.
+    pub fn sign_request(
+        &self,
+        base_url: &str,
+        destination: &str,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<SignedRequest> {
         let mut signed = json!({
             "method": method.as_str(),
             "uri": path,
@@ -195,15 +218,25 @@ impl Peer {
             "X-Matrix origin=\"{}\",destination=\"{destination}\",key=\"ed25519:{KEY_VERSION}\",sig=\"{signature}\"",
             self.server_name
         );
-        let url = format!("{}{path}", base_url.trim_end_matches('/'));
+        Ok(SignedRequest {
+            url: format!("{}{path}", base_url.trim_end_matches('/')),
+            method,
+            authorization,
+            body: body.map(serde_json::to_vec).transpose()?,
+        })
+    }
+
+    /// Sends a signed request; its status and JSON answer (`null` when it is not JSON).
+    pub async fn send(&self, signed: &SignedRequest) -> Result<(u16, Value)> {
+        let SignedRequest { url, method, authorization, body } = signed;
         let mut request =
-            self.http.request(method.clone(), &url).header("Authorization", authorization);
+            self.http.request(method.clone(), url).header("Authorization", authorization);
         if let Some(body) = body {
-            request = request.json(body);
+            request = request.header("Content-Type", "application/json").body(body.clone());
         }
-        let response = request.send().await.with_context(|| format!("{method} {path}"))?;
+        let response = request.send().await.with_context(|| format!("{method} {url}"))?;
         let status = response.status().as_u16();
-        let bytes = response.bytes().await.with_context(|| format!("{method} {path}: body"))?;
+        let bytes = response.bytes().await.with_context(|| format!("{method} {url}: body"))?;
         Ok((status, serde_json::from_slice(&bytes).unwrap_or(Value::Null)))
     }
 
