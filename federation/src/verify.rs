@@ -12,7 +12,8 @@
 //! [reference hashes](https://spec.matrix.org/v1.16/server-server-api/#calculating-the-reference-hash-for-an-event),
 //! [content hashes](https://spec.matrix.org/v1.16/server-server-api/#calculating-the-content-hash-for-an-event).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{LazyLock, Mutex};
 
 use base64::{
     Engine,
@@ -155,10 +156,31 @@ impl ReceivedPdu {
 /// of `message`.
 fn verify_ed25519(public_key: &[u8], signature: &str, message: &[u8]) -> bool {
     let Ok(public_key) = <[u8; 32]>::try_from(public_key) else { return false };
-    let Ok(key) = VerifyingKey::from_bytes(&public_key) else { return false };
+    let Some(key) = verifying_key(&public_key) else { return false };
     let Some(bytes) = decode_base64(signature) else { return false };
     let Ok(bytes) = <[u8; 64]>::try_from(bytes.as_slice()) else { return false };
     key.verify(message, &Signature::from_bytes(&bytes)).is_ok()
+}
+
+/// How many decompressed public keys [`verifying_key`] keeps.
+const VERIFYING_KEYS_MAX: usize = 256;
+
+/// The public key as a curve point. Decompressing it (a square root in the field) is a
+/// fifth of an ed25519 verification, and a busy room's PDUs come from a handful of keys, so
+/// the points are kept; the map is emptied when full.
+fn verifying_key(public_key: &[u8; 32]) -> Option<VerifyingKey> {
+    static KEPT: LazyLock<Mutex<HashMap<[u8; 32], VerifyingKey>>> =
+        LazyLock::new(|| Mutex::new(HashMap::new()));
+    let mut kept = KEPT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    if let Some(key) = kept.get(public_key) {
+        return Some(*key);
+    }
+    let key = VerifyingKey::from_bytes(public_key).ok()?;
+    if kept.len() >= VERIFYING_KEYS_MAX {
+        kept.clear();
+    }
+    kept.insert(*public_key, key);
+    Some(key)
 }
 
 /// Standard base64, with or without padding, as ruma reads signatures and hashes.
