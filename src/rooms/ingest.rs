@@ -310,7 +310,7 @@ impl Rooms {
             Some(CanonicalJsonValue::String(room_id)) => RoomId::parse(room_id).ok()?,
             _ => return None,
         };
-        let version = self.room(&room_id).ok()??.room_version;
+        let version = self.known_room_version(&room_id).ok()??;
         let rules = federation::signing::rules_for(&version).ok()?;
         Some((ReceivedPdu::prepare(json, &rules).ok()?, version))
     }
@@ -399,7 +399,8 @@ impl Rooms {
                 Err(error) => tracing::info!(%error, "get_missing_events failed"),
             }
         }
-        let missing = self.missing_prev_events(&pdu)?;
+        // Asked again only if something was missing: the fetch above may have filled it.
+        let missing = if missing.is_empty() { missing } else { self.missing_prev_events(&pdu)? };
         let given_state = if missing.is_empty() {
             None
         } else {
@@ -521,7 +522,7 @@ impl Rooms {
                 (received, version, rules)
             }
             None => {
-                let version = self.room(&room_id)?.ok_or(IngestError::UnknownRoom)?.room_version;
+                let version = self.known_room_version(&room_id)?.ok_or(IngestError::UnknownRoom)?;
                 let rules = federation::signing::rules_for(&version).map_err(RoomError::from)?;
                 (prepare(&json, &rules)?, version, rules)
             }

@@ -218,8 +218,16 @@ struct Inner {
     outbox: Outbox,
     members: MemberCache,
     auth_pdus: AuthPduCache,
+    /// Room versions by room: a room's version is fixed at its creation and a room record is
+    /// never deleted, so an entry never goes stale. Every received PDU needs its room's version
+    /// before anything else (for its event id), which would otherwise read and parse the
+    /// whole room record.
+    room_versions: Kept<OwnedRoomId, RoomVersionId>,
     limits: ingest::Limits,
 }
+
+/// How many room versions [`Inner::room_versions`] keeps.
+const ROOM_VERSIONS_MAX: usize = 4096;
 
 /// How many PDUs [`Rooms::pdus`] reads in one batched lookup.
 const PDUS_PER_BATCH_READ: usize = 1024;
@@ -377,6 +385,7 @@ impl Rooms {
                 outbox,
                 members: MemberCache::default(),
                 auth_pdus: AuthPduCache::default(),
+                room_versions: Kept::new(ROOM_VERSIONS_MAX),
                 limits,
             }),
         }
@@ -411,7 +420,17 @@ impl Rooms {
 
     /// The room's version, or `NotFound`.
     pub fn room_version(&self, room_id: &RoomId) -> Result<RoomVersionId, RoomError> {
-        Ok(self.room(room_id)?.ok_or(RoomError::NotFound)?.room_version)
+        self.known_room_version(room_id)?.ok_or(RoomError::NotFound)
+    }
+
+    /// The room's version if the room is known here, kept in memory once read.
+    pub fn known_room_version(&self, room_id: &RoomId) -> Result<Option<RoomVersionId>, RoomError> {
+        if let Some(version) = self.inner.room_versions.get(room_id) {
+            return Ok(Some(version));
+        }
+        let Some(room) = self.room(room_id)? else { return Ok(None) };
+        self.inner.room_versions.insert(room_id.to_owned(), room.room_version.clone());
+        Ok(Some(room.room_version))
     }
 
     /// All rooms known here.
@@ -470,6 +489,10 @@ impl Rooms {
 
     /// Whether the PDU of an event is stored (as an outlier or in the timeline).
     pub fn has_pdu(&self, event_id: &EventId) -> Result<bool, RoomError> {
+        // A kept auth event is stored, and stored PDUs are never deleted.
+        if self.inner.auth_pdus.pdus.get(event_id).is_some() {
+            return Ok(true);
+        }
         Ok(self.db().contains(PDUS, event_id.as_bytes())?)
     }
 
