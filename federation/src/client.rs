@@ -528,6 +528,18 @@ impl Client {
         uri: &str,
         body: &[u8],
     ) -> Result<OwnedServerName, Error> {
+        Ok(self.verify_request_content(authorization, method, uri, body).await?.0)
+    }
+
+    /// [`Client::verify_request`], also handing back the body as the canonical JSON that the
+    /// signature was checked over (`None`: empty), so that a handler need not parse it again.
+    pub async fn verify_request_content(
+        &self,
+        authorization: Option<&str>,
+        method: &str,
+        uri: &str,
+        body: &[u8],
+    ) -> Result<(OwnedServerName, Option<CanonicalJsonValue>), Error> {
         let authorization = authorization
             .ok_or_else(|| Error::MalformedAuthorization("missing Authorization header".into()))?;
         let header = XMatrix::parse(authorization)?;
@@ -546,7 +558,7 @@ impl Client {
                     content.as_ref(),
                     &public_key,
                 )?;
-                return Ok(header.origin);
+                return Ok((header.origin, content));
             }
             let stored = self.server_keys(&header.origin, Some(&header.key_id), 0).await?;
             let unknown = || Error::UnknownKey {
@@ -568,7 +580,7 @@ impl Client {
                 content.as_ref(),
                 &public_key,
             )?;
-            Ok(header.origin.clone())
+            Ok((header.origin.clone(), content))
         }
         .instrument(span)
         .await

@@ -9,8 +9,9 @@
 use base64::{Engine, engine::general_purpose::STANDARD_NO_PAD};
 use ruma::{
     CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, ServerName, SigningKeyAlgorithm,
-    signatures::{to_canonical_json_string_for_signing, verify_canonical_json_bytes},
+    signatures::verify_canonical_json_bytes,
 };
+use serde::Serialize;
 
 use crate::{Error, ServerSigningKey};
 
@@ -170,6 +171,32 @@ pub fn request_object(
     object
 }
 
+/// What an X-Matrix signature covers, borrowed: the same canonical JSON as
+/// [`request_object`] (the fields are in key order, and nothing in it is `signatures` or
+/// `unsigned`), without copying the body into a new object twice.
+#[derive(Serialize)]
+struct Signed<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a CanonicalJsonValue>,
+    destination: &'a str,
+    method: &'a str,
+    origin: &'a str,
+    uri: &'a str,
+}
+
+/// The canonical JSON of [`request_object`], which the X-Matrix signature signs.
+pub fn signing_text(
+    method: &str,
+    uri: &str,
+    origin: &ServerName,
+    destination: &ServerName,
+    content: Option<&CanonicalJsonValue>,
+) -> Result<String, Error> {
+    let signed =
+        Signed { content, destination: destination.as_str(), method, origin: origin.as_str(), uri };
+    Ok(serde_json::to_string(&signed).map_err(ruma::signatures::JsonError::from)?)
+}
+
 /// Signs a request of ours: the `Authorization` header value for `method uri` to
 /// `destination`. `uri` is the path with its query string, as sent.
 pub fn sign_request(
@@ -179,8 +206,7 @@ pub fn sign_request(
     uri: &str,
     content: Option<&CanonicalJsonValue>,
 ) -> Result<String, Error> {
-    let object = request_object(method, uri, signing_key.server_name(), destination, content);
-    let canonical = to_canonical_json_string_for_signing(&object)?;
+    let canonical = signing_text(method, uri, signing_key.server_name(), destination, content)?;
     let header = XMatrix {
         origin: signing_key.server_name().clone(),
         destination: Some(destination.to_owned()),
@@ -214,8 +240,7 @@ pub fn verify_request(
     public_key: &[u8],
 ) -> Result<(), Error> {
     check_destination(header, our_name)?;
-    let object = request_object(method, uri, &header.origin, our_name, content);
-    let canonical = to_canonical_json_string_for_signing(&object)?;
+    let canonical = signing_text(method, uri, &header.origin, our_name, content)?;
     let invalid = || Error::InvalidSignature {
         server_name: header.origin.clone(),
         key_id: header.key_id.clone(),
@@ -273,6 +298,28 @@ mod tests {
         tamper(&mut header, &mut content, &mut uri);
         let public_key = public(verifier_key.unwrap_or(&origin));
         verify_request(&header, server_name!("b.test"), "PUT", &uri, content.as_ref(), &public_key)
+    }
+
+    #[test]
+    fn the_signing_text_is_the_request_objects_canonical_json() {
+        let contents = [
+            None,
+            Some(json!({})),
+            Some(json!({
+                "pdus": [{"content": {"body": "h\u{e9}llo \"q\" \\ \n\t\u{1}\u{1f600}", "n": -3}}],
+                "edus": [],
+                "origin": "a.test",
+                "z": {"b": [1, 2, {"unsigned": 1, "signatures": {}}], "a": null, "c": true},
+            })),
+        ];
+        for content in contents {
+            let content = content.map(|value| to_canonical_value(value).unwrap());
+            let (origin, destination) = (server_name!("a.test"), server_name!("b.test"));
+            let object = request_object("PUT", "/x?y=1", origin, destination, content.as_ref());
+            let expected = ruma::signatures::to_canonical_json_string_for_signing(&object).unwrap();
+            let text = signing_text("PUT", "/x?y=1", origin, destination, content.as_ref());
+            assert_eq!(text.unwrap(), expected);
+        }
     }
 
     #[test]

@@ -264,7 +264,7 @@ impl Rooms {
         &self,
         origin: &ServerName,
         txn_id: &str,
-        pdus: Vec<Value>,
+        pdus: Vec<CanonicalJsonValue>,
         edus_count: usize,
         remote: &Remote,
     ) -> Result<TransactionResults, TransactionError> {
@@ -278,10 +278,8 @@ impl Rooms {
         async move {
             let mut results = TransactionResults::new();
             for value in pdus {
-                // Moved, not copied, into the canonical form.
-                let Ok(CanonicalJsonValue::Object(json)) = CanonicalJsonValue::try_from(value)
-                else {
-                    tracing::debug!("PDU is not a canonical JSON object: dropped");
+                let CanonicalJsonValue::Object(json) = value else {
+                    tracing::debug!("PDU is not a JSON object: dropped");
                     continue;
                 };
                 // The result is keyed by event id: a PDU without a computable one is dropped.

@@ -298,8 +298,7 @@ impl Setup {
     }
 
     async fn send(&self, pdus: Vec<&CanonicalJsonObject>) -> BTreeMap<OwnedEventId, String> {
-        let pdus =
-            pdus.into_iter().map(|pdu| serde_json::to_value(pdu).expect("test fixture")).collect();
+        let pdus = pdus.into_iter().map(|pdu| CanonicalJsonValue::Object(pdu.clone())).collect();
         let results = self
             .rooms()
             .receive_transaction(&self.remote.name, "txn1", pdus, 0, &self.transport.remote())
@@ -731,7 +730,7 @@ async fn batched_pdu_reads_answer_like_single_reads() {
 #[tokio::test]
 async fn oversized_transactions_are_refused_whole() {
     let setup = Setup::new("public_chat").await;
-    let pdus = vec![json!({}); 51];
+    let pdus = vec![CanonicalJsonValue::Object(Default::default()); 51];
     let result = setup
         .rooms()
         .receive_transaction(&setup.remote.name, "big", pdus, 0, &setup.transport.remote())
@@ -748,7 +747,10 @@ async fn oversized_transactions_are_refused_whole() {
         .receive_transaction(
             &setup.remote.name,
             "junk",
-            vec![json!({}), json!({"room_id": 5}), json!({"room_id": setup.room_id, "type": 1})],
+            [json!({}), json!({"room_id": 5}), json!({"room_id": setup.room_id, "type": 1})]
+                .into_iter()
+                .map(|value| to_canonical_value(value).expect("test fixture"))
+                .collect(),
             0,
             &setup.transport.remote(),
         )

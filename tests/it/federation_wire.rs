@@ -171,6 +171,22 @@ async fn a_remote_server_joins_and_talks_over_signed_http() {
     let body: Value = response.json().await.unwrap();
     assert_eq!(body["errcode"], "M_UNAUTHORIZED", "{body}");
 
+    // Signed, but not the shape of a transaction: M_BAD_JSON, and nothing of it is taken.
+    for (txn, body) in [
+        ("bad1", json!({"origin": b.server_name, "pdus": {"not": "an array"}})),
+        ("bad2", json!({"origin": b.server_name, "pdus": [], "edus": "none"})),
+    ] {
+        let path = format!("/_matrix/federation/v1/send/{txn}");
+        let error = as_b.send_request(a_name, Method::PUT, &path, Some(body)).await.unwrap_err();
+        match error {
+            federation::Error::Status { status, body, .. } => {
+                assert_eq!(status, 400, "{body}");
+                assert!(body.contains("M_BAD_JSON"), "{body}");
+            }
+            other => panic!("{txn}: {other}"),
+        }
+    }
+
     // A PDU signed with a key B never published is refused in the per-PDU results.
     let stranger_dir = tempfile::tempdir().unwrap();
     let stranger = ServerSigningKey::load_or_generate(

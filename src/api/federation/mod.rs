@@ -25,7 +25,9 @@ use axum::{
     response::Response,
     routing::get,
 };
-use ruma::OwnedServerName;
+use std::sync::Arc;
+
+use ruma::{CanonicalJsonValue, OwnedServerName};
 use serde_json::{Value, json};
 
 use crate::api::{
@@ -73,9 +75,33 @@ impl<S: Send + Sync> FromRequestParts<S> for XMatrixOrigin {
     }
 }
 
+/// The request body as the canonical JSON its X-Matrix signature was checked over (a body
+/// that is not canonical JSON cannot carry a valid signature). A handler that takes it, for
+/// a body of many PDUs, skips parsing the body a second time.
+#[derive(Clone, Debug)]
+pub struct SignedContent(Arc<CanonicalJsonValue>);
+
+impl SignedContent {
+    /// The body, moved out when this is its only holder (else copied).
+    pub fn into_value(self) -> CanonicalJsonValue {
+        Arc::try_unwrap(self.0).unwrap_or_else(|shared| (*shared).clone())
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for SignedContent {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        // Taken out, so that the handler holds the only reference. No body: `{}`.
+        Ok(parts.extensions.remove::<SignedContent>().unwrap_or_else(|| {
+            SignedContent(Arc::new(CanonicalJsonValue::Object(Default::default())))
+        }))
+    }
+}
+
 /// Reads the body (within `max_request_bytes`), verifies the X-Matrix header over method, URI,
 /// origin, destination and body with the origin's key, then hands the request on with the
-/// verified [`XMatrixOrigin`] and the same body.
+/// verified [`XMatrixOrigin`], the same body, and the body as [`SignedContent`].
 async fn verify_x_matrix(
     State(state): State<AppState>,
     request: Request,
@@ -94,11 +120,14 @@ async fn verify_x_matrix(
         }
         None => None,
     };
-    let origin = state
+    let (origin, content) = state
         .federation
-        .verify_request(authorization, parts.method.as_str(), target, &bytes)
+        .verify_request_content(authorization, parts.method.as_str(), target, &bytes)
         .await
         .map_err(XMatrixError)?;
+    if let Some(content) = content {
+        parts.extensions.insert(SignedContent(Arc::new(content)));
+    }
     // A server that reaches us is up: what we queued for it need not wait out a backoff.
     state.rooms.outbox().peer_alive(&origin);
     parts.extensions.insert(XMatrixOrigin(origin));

@@ -5,15 +5,15 @@
 //! [Transactions](https://spec.matrix.org/v1.16/server-server-api/#transactions)
 
 use axum::{Json, Router, extract::State, routing::put};
-use serde::Deserialize;
+use ruma::CanonicalJsonValue;
 use serde_json::{Map, Value, json};
 
-use super::{XMatrixOrigin, edus::receive_edus};
+use super::{SignedContent, XMatrixOrigin, edus::receive_edus};
 use crate::{
     api::{
         AppState,
         error::{ApiError, ApiResult},
-        extract::{Body, PathIds},
+        extract::PathIds,
     },
     rooms::{Rooms, ingest::Remote},
 };
@@ -23,12 +23,29 @@ pub fn routes() -> Router<AppState> {
     Router::new().route("/_matrix/federation/v1/send/{txnId}", put(send_transaction))
 }
 
-#[derive(Deserialize)]
+/// The PDUs and EDUs of a transaction body; the other fields (`origin`,
+/// `origin_server_ts`) are not used: the origin is the one the X-Matrix header proved.
 struct Transaction {
-    #[serde(default)]
-    pdus: Vec<Value>,
-    #[serde(default)]
+    pdus: Vec<CanonicalJsonValue>,
     edus: Vec<Value>,
+}
+
+impl Transaction {
+    /// Takes the two arrays out of the verified body (missing: empty), with `M_BAD_JSON` for
+    /// a body that is not an object or arrays that are not arrays.
+    fn from_content(content: CanonicalJsonValue) -> Result<Self, ApiError> {
+        let CanonicalJsonValue::Object(mut body) = content else {
+            return Err(ApiError::bad_json("Content must be a JSON object"));
+        };
+        let mut array = |field: &str| match body.remove(field) {
+            None => Ok(Vec::new()),
+            Some(CanonicalJsonValue::Array(items)) => Ok(items),
+            Some(_) => Err(ApiError::bad_json(format!("{field} must be an array"))),
+        };
+        let pdus = array("pdus")?;
+        let edus = array("edus")?.into_iter().map(Value::from).collect();
+        Ok(Self { pdus, edus })
+    }
 }
 
 /// `PUT /_matrix/federation/v1/send/{txnId}`
@@ -38,9 +55,10 @@ async fn send_transaction(
     State(remote): State<Remote>,
     XMatrixOrigin(origin): XMatrixOrigin,
     path: PathIds,
-    Body(transaction): Body<Transaction>,
+    content: SignedContent,
 ) -> ApiResult {
     let txn_id = path.get("txnId")?;
+    let transaction = Transaction::from_content(content.into_value())?;
     let results = rooms
         .receive_transaction(&origin, txn_id, transaction.pdus, transaction.edus.len(), &remote)
         .await
