@@ -170,11 +170,15 @@ async fn build(
             }
             "invite" if newly => {
                 let events = invited_room(state, &room_id, &record)?;
-                invite.insert(room_id.to_string(), json!({"invite_state": {"events": events}}));
+                invite.insert(
+                    room_id.to_string(),
+                    object([("invite_state", events_section(events))]),
+                );
             }
             "knock" if newly => {
                 let events = invited_room(state, &room_id, &record)?;
-                knock.insert(room_id.to_string(), json!({"knock_state": {"events": events}}));
+                knock
+                    .insert(room_id.to_string(), object([("knock_state", events_section(events))]));
             }
             // On an initial sync, rooms the user left by themselves need `include_leave`;
             // kicks and bans are always reported so the user learns of them.
@@ -249,16 +253,25 @@ async fn build(
         || !leave.is_empty()
         || !presence.is_empty()
         || !account_data.is_empty();
-    let response = json!({
-        "next_batch": next_batch,
-        "rooms": {"join": join, "invite": invite, "leave": leave, "knock": knock},
-        "presence": {"events": presence},
-        "account_data": {"events": account_data},
-        "to_device": {"events": to_device},
-        "device_lists": {"changed": devices_changed, "left": devices_left},
-        "device_one_time_keys_count": one_time_keys_count,
-        "device_unused_fallback_key_types": unused_fallback_key_types,
-    });
+    // Built by moving the sections in: `json!` would copy every interpolated value.
+    let response = object([
+        ("next_batch", Value::String(next_batch)),
+        (
+            "rooms",
+            object([
+                ("join", Value::Object(join)),
+                ("invite", Value::Object(invite)),
+                ("leave", Value::Object(leave)),
+                ("knock", Value::Object(knock)),
+            ]),
+        ),
+        ("presence", events_section(presence)),
+        ("account_data", events_section(account_data)),
+        ("to_device", events_section(to_device)),
+        ("device_lists", json!({"changed": devices_changed, "left": devices_left})),
+        ("device_one_time_keys_count", json!(one_time_keys_count)),
+        ("device_unused_fallback_key_types", json!(unused_fallback_key_types)),
+    ]);
     Ok((response, changed))
 }
 
@@ -514,19 +527,36 @@ async fn joined_room(
             .collect();
         summary["m.heroes"] = json!(heroes);
     }
-    Ok(Some(json!({
-        "timeline": {
-            "events": render(state, auth, &timeline.events)?,
-            "limited": timeline.limited,
-            "prev_batch": token(timeline.prev_batch),
-        },
-        state_key: {"events": state_events},
-        "ephemeral": {"events": ephemeral},
-        "account_data": {"events": account_data},
-        "unread_notifications": {"notification_count": notification_count, "highlight_count": highlight_count},
-        "unread_thread_notifications": {},
-        "summary": summary,
-    })))
+    Ok(Some(object([
+        (
+            "timeline",
+            object([
+                ("events", Value::Array(render(state, auth, &timeline.events)?)),
+                ("limited", Value::Bool(timeline.limited)),
+                ("prev_batch", Value::String(token(timeline.prev_batch))),
+            ]),
+        ),
+        (state_key, events_section(state_events)),
+        ("ephemeral", events_section(ephemeral)),
+        ("account_data", events_section(account_data)),
+        (
+            "unread_notifications",
+            json!({"notification_count": notification_count, "highlight_count": highlight_count}),
+        ),
+        ("unread_thread_notifications", Value::Object(Map::new())),
+        ("summary", summary),
+    ])))
+}
+
+/// A JSON object of these fields, the values moved in (`json!` copies what it interpolates,
+/// which for a sync response is every event in it).
+fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
+    Value::Object(fields.into_iter().map(|(key, value)| (key.to_owned(), value)).collect())
+}
+
+/// `{"events": [...]}`, the events moved in.
+fn events_section(events: Vec<Value>) -> Value {
+    object([("events", Value::Array(events))])
 }
 
 /// Whether someone else changed the user's membership (a kick or a ban).
@@ -591,15 +621,18 @@ fn left_room(
     )?;
     let (state_key, state_events) =
         room_state(state, auth, request, &timeline, since, room_id, record.position)?;
-    Ok(Some(json!({
-        "timeline": {
-            "events": render(state, auth, &timeline.events)?,
-            "limited": timeline.limited,
-            "prev_batch": token(timeline.prev_batch),
-        },
-        state_key: {"events": state_events},
-        "account_data": {"events": []},
-    })))
+    Ok(Some(object([
+        (
+            "timeline",
+            object([
+                ("events", Value::Array(render(state, auth, &timeline.events)?)),
+                ("limited", Value::Bool(timeline.limited)),
+                ("prev_batch", Value::String(token(timeline.prev_batch))),
+            ]),
+        ),
+        (state_key, events_section(state_events)),
+        ("account_data", events_section(Vec::new())),
+    ])))
 }
 
 /// Notification and highlight counts of the events after the user's read receipt, as the
