@@ -16,6 +16,8 @@ pub mod query;
 pub mod transactions;
 pub mod user;
 
+use std::sync::Arc;
+
 use axum::{
     Json, Router,
     body::Body,
@@ -25,8 +27,6 @@ use axum::{
     response::Response,
     routing::get,
 };
-use std::sync::Arc;
-
 use ruma::{CanonicalJsonValue, OwnedServerName};
 use serde_json::{Value, json};
 
