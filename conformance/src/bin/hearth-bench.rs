@@ -318,6 +318,28 @@ async fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
+/// Which runs the `kept` scenarios of an earlier results file come from: each run that file
+/// carried over names only the kept scenarios it measured (a scenario measured again since is
+/// no longer its), and the file's own run (`own_run`) the kept ones no carried run names.
+fn provenance(carried: Vec<Earlier>, mut own_run: Earlier, kept: &[String]) -> Vec<Earlier> {
+    let mut runs: Vec<Earlier> = carried
+        .into_iter()
+        .filter_map(|mut run| {
+            run.scenarios.retain(|scenario| kept.contains(scenario));
+            (!run.scenarios.is_empty()).then_some(run)
+        })
+        .collect();
+    own_run.scenarios = kept
+        .iter()
+        .filter(|scenario| !runs.iter().any(|run| run.scenarios.contains(scenario)))
+        .cloned()
+        .collect();
+    if !own_run.scenarios.is_empty() {
+        runs.push(own_run);
+    }
+    runs
+}
+
 /// Keeps the figures of `earlier` for the scenarios this run did not measure, per server, and
 /// their sizes; the page then names both runs.
 fn merge(results: &mut Results, earlier: &Path, scenarios: &[&str]) -> Result<()> {
@@ -375,26 +397,14 @@ fn merge(results: &mut Results, earlier: &Path, scenarios: &[&str]) -> Result<()
             kept.iter().any(|scenario| failure.contains(&format!(" {scenario}:")))
         }),
     );
-    results.merged.extend(
-        old.merged
-            .into_iter()
-            .filter(|run| run.scenarios.iter().any(|scenario| kept.contains(scenario))),
-    );
-    // Scenarios the earlier file itself carried over from runs before it stay theirs.
-    let own: Vec<String> = kept
-        .iter()
-        .filter(|scenario| !results.merged.iter().any(|run| run.scenarios.contains(scenario)))
-        .cloned()
-        .collect();
-    if !own.is_empty() {
-        results.merged.push(Earlier {
-            command: old.command,
-            date: old.date,
-            machine: old.machine,
-            tool_profile: old.tool_profile,
-            scenarios: own,
-        });
-    }
+    let own_run = Earlier {
+        command: old.command,
+        date: old.date,
+        machine: old.machine,
+        tool_profile: old.tool_profile,
+        scenarios: Vec::new(),
+    };
+    results.merged.extend(provenance(old.merged, own_run, &kept));
     Ok(())
 }
 
@@ -801,3 +811,41 @@ Synapse runs on SQLite with every rate limit raised (the launcher's configuratio
 
 Not measured yet: S3 at 300 rooms of 300 members and S4/S7 at 1M events need set-up times that Synapse cannot reach in a run of reasonable length (about 50 joins or messages per second): pass `--s3-rooms 300 --s3-members 300` or `--s7-messages 1000000` to measure them anyway.
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::{Earlier, provenance};
+
+    fn run(command: &str, scenarios: &[&str]) -> Earlier {
+        Earlier {
+            command: command.to_owned(),
+            date: String::new(),
+            machine: String::new(),
+            tool_profile: String::new(),
+            scenarios: scenarios.iter().map(|scenario| scenario.to_string()).collect(),
+        }
+    }
+
+    fn named(runs: &[Earlier]) -> Vec<(&str, Vec<&str>)> {
+        runs.iter()
+            .map(|run| (run.command.as_str(), run.scenarios.iter().map(String::as_str).collect()))
+            .collect()
+    }
+
+    fn strings(scenarios: &[&str]) -> Vec<String> {
+        scenarios.iter().map(|scenario| scenario.to_string()).collect()
+    }
+
+    #[test]
+    fn a_scenario_measured_again_is_no_longer_the_earlier_runs() {
+        // Run 2 measured S3 and S7 and carried the rest from run 1. Run 3 measures all but S6
+        // again: only S6 is still run 1's.
+        let carried = vec![run("one", &["S1", "S2", "S4", "S5", "S6"])];
+        let runs = provenance(carried, run("two", &[]), &strings(&["S6"]));
+        assert_eq!(named(&runs), [("one", vec!["S6"])]);
+        // Run 4 measures S3, S5 and S7 again, merging run 3's file: S6 stays run 1's, and
+        // S1, S2 and S4 are run 3's own.
+        let runs = provenance(runs, run("three", &[]), &strings(&["S6", "S4", "S1", "S2"]));
+        assert_eq!(named(&runs), [("one", vec!["S6"]), ("three", vec!["S4", "S1", "S2"])]);
+    }
+}
