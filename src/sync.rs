@@ -528,14 +528,7 @@ async fn joined_room(
         summary["m.heroes"] = json!(heroes);
     }
     Ok(Some(object([
-        (
-            "timeline",
-            object([
-                ("events", Value::Array(render(state, auth, &timeline.events)?)),
-                ("limited", Value::Bool(timeline.limited)),
-                ("prev_batch", Value::String(token(timeline.prev_batch))),
-            ]),
-        ),
+        ("timeline", timeline_section(state, auth, &timeline)?),
         (state_key, events_section(state_events)),
         ("ephemeral", events_section(ephemeral)),
         ("account_data", events_section(account_data)),
@@ -552,6 +545,16 @@ async fn joined_room(
 /// which for a sync response is every event in it).
 fn object<const N: usize>(fields: [(&str, Value); N]) -> Value {
     Value::Object(fields.into_iter().map(|(key, value)| (key.to_owned(), value)).collect())
+}
+
+/// A room's `timeline`: its events rendered for the client, whether it is limited, and the
+/// token to paginate back from.
+fn timeline_section(state: &AppState, auth: &Auth, timeline: &Timeline) -> Result<Value, ApiError> {
+    Ok(object([
+        ("events", Value::Array(render(state, auth, &timeline.events)?)),
+        ("limited", Value::Bool(timeline.limited)),
+        ("prev_batch", Value::String(token(timeline.prev_batch))),
+    ]))
 }
 
 /// `{"events": [...]}`, the events moved in.
@@ -622,14 +625,7 @@ fn left_room(
     let (state_key, state_events) =
         room_state(state, auth, request, &timeline, since, room_id, record.position)?;
     Ok(Some(object([
-        (
-            "timeline",
-            object([
-                ("events", Value::Array(render(state, auth, &timeline.events)?)),
-                ("limited", Value::Bool(timeline.limited)),
-                ("prev_batch", Value::String(token(timeline.prev_batch))),
-            ]),
-        ),
+        ("timeline", timeline_section(state, auth, &timeline)?),
         (state_key, events_section(state_events)),
         ("account_data", events_section(Vec::new())),
     ])))

@@ -28,7 +28,7 @@ use ruma::{CanonicalJsonObject, RoomVersionId};
 
 use crate::client::{Ctx, User, enc, room_path, v3};
 use crate::launcher::Launched;
-use crate::peer::{self, Peer};
+use crate::peer::{self, Peer, SignedRequest};
 
 /// Which way a figure is better.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -541,6 +541,19 @@ pub struct FederationTarget<'a> {
     pub server_name: &'a str,
 }
 
+impl FederationTarget<'_> {
+    /// A request to this server signed by `peer`, ready for [`Peer::send`].
+    fn signed(
+        &self,
+        peer: &Peer,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<SignedRequest> {
+        peer.sign_request(self.base_url, self.server_name, method, path, body)
+    }
+}
+
 /// Joins the peer's user to a public room of the server under test with `make_join` and
 /// `send_join` v2 ([joining rooms](https://spec.matrix.org/v1.16/server-server-api/#joining-rooms)).
 async fn peer_join(
@@ -577,9 +590,8 @@ async fn join_as(
     let sender = peer.user_id(localpart);
     let path =
         format!("/_matrix/federation/v1/make_join/{}/{}?ver=11", enc(&room_id), enc(&sender));
-    let (status, answer) = peer
-        .request(target.base_url, target.server_name, reqwest::Method::GET, &path, None)
-        .await?;
+    let make_join = target.signed(peer, reqwest::Method::GET, &path, None)?;
+    let (status, answer) = peer.send(&make_join).await?;
     ensure!(status == 200, "make_join: {status} {}", crate::client::short(&answer));
     let room_version = RoomVersionId::try_from(answer["room_version"].as_str().unwrap_or("1"))
         .context("make_join: room version")?;
@@ -590,9 +602,8 @@ async fn join_as(
     let member_id = peer.hash_and_sign(&mut join, &room_version)?;
     let path = format!("/_matrix/federation/v2/send_join/{}/{}", enc(&room_id), enc(&member_id));
     let body = serde_json::to_value(&join)?;
-    let (status, answer) = peer
-        .request(target.base_url, target.server_name, reqwest::Method::PUT, &path, Some(&body))
-        .await?;
+    let send_join = target.signed(peer, reqwest::Method::PUT, &path, Some(&body))?;
+    let (status, answer) = peer.send(&send_join).await?;
     ensure!(status == 200, "send_join: {status} {}", crate::client::short(&answer));
     let (mut create_id, mut power_levels_id) = (None, None);
     let state = answer["state"].as_array().context("send_join: no state")?;
@@ -744,13 +755,7 @@ async fn send_pdus(
             "edus": [],
         });
         let path = peer.transaction_path(transactions);
-        let request = peer.sign_request(
-            target.base_url,
-            target.server_name,
-            reqwest::Method::PUT,
-            &path,
-            Some(&body),
-        )?;
+        let request = target.signed(peer, reqwest::Method::PUT, &path, Some(&body))?;
         signed.push((request, ids));
     }
     sent.started = Instant::now();

@@ -168,23 +168,10 @@ impl Peer {
         Ok(event_id)
     }
 
-    /// Sends a request signed with the peer's key
-    /// ([request authentication](https://spec.matrix.org/v1.16/server-server-api/#request-authentication))
-    /// to `base_url`, for the server named `destination`. Returns the status and the body.
-    pub async fn request(
-        &self,
-        base_url: &str,
-        destination: &str,
-        method: reqwest::Method,
-        path: &str,
-        body: Option<&Value>,
-    ) -> Result<(u16, Value)> {
-        let signed = self.sign_request(base_url, destination, method, path, body)?;
-        self.send(&signed).await
-    }
-
-    /// Signs a request for `destination` without sending it: its URL, `Authorization` header
-    /// and body bytes, so that a benchmark can do this work before its clock starts.
+    /// Signs a request for the server named `destination`, reached at `base_url`, with the
+    /// peer's key ([request authentication](https://spec.matrix.org/v1.16/server-server-api/#request-authentication)),
+    /// without sending it: its URL, `Authorization` header and body bytes, so that a benchmark
+    /// can do this work before its clock starts. [`Peer::send`] sends it.
     pub fn sign_request(
         &self,
         base_url: &str,
