@@ -519,21 +519,11 @@ impl Client {
     }
 
     /// Checks an inbound request's `Authorization: X-Matrix` header (`None`: the header is
-    /// missing) against the origin's current key, fetched when needed, and returns the origin.
-    /// `uri` is the request target (path and query) as received; `body` the raw body.
+    /// missing) against the origin's current key, fetched when needed. Returns the origin, and
+    /// the body as the canonical JSON the signature was checked over (`None`: empty), so that
+    /// a handler need not parse it again. `uri` is the request target (path and query) as
+    /// received; `body` the raw body.
     pub async fn verify_request(
-        &self,
-        authorization: Option<&str>,
-        method: &str,
-        uri: &str,
-        body: &[u8],
-    ) -> Result<OwnedServerName, Error> {
-        Ok(self.verify_request_content(authorization, method, uri, body).await?.0)
-    }
-
-    /// [`Client::verify_request`], also handing back the body as the canonical JSON that the
-    /// signature was checked over (`None`: empty), so that a handler need not parse it again.
-    pub async fn verify_request_content(
         &self,
         authorization: Option<&str>,
         method: &str,
@@ -685,7 +675,7 @@ mod tests {
     async fn requests_verify_against_stored_keys() {
         let pair = pair(now_ms() + 3_600_000);
         let header = signed(&pair.origin, "/x");
-        let origin =
+        let (origin, _) =
             pair.receiver.verify_request(Some(&header), "POST", "/x", b"{}").await.unwrap();
         assert_eq!(origin, "a.test");
         // Same header, other body or URI.

@@ -8,7 +8,7 @@
 
 use base64::{Engine, engine::general_purpose::STANDARD_NO_PAD};
 use ruma::{
-    CanonicalJsonObject, CanonicalJsonValue, OwnedServerName, ServerName, SigningKeyAlgorithm,
+    CanonicalJsonValue, OwnedServerName, ServerName, SigningKeyAlgorithm,
     signatures::verify_canonical_json_bytes,
 };
 use serde::Serialize;
@@ -152,28 +152,9 @@ fn split_parameters(text: &str) -> Result<Vec<(String, String)>, Error> {
     Ok(pairs)
 }
 
-/// The object whose canonical JSON an X-Matrix signature covers.
-pub fn request_object(
-    method: &str,
-    uri: &str,
-    origin: &ServerName,
-    destination: &ServerName,
-    content: Option<&CanonicalJsonValue>,
-) -> CanonicalJsonObject {
-    let mut object = CanonicalJsonObject::new();
-    object.insert("method".into(), CanonicalJsonValue::String(method.to_owned()));
-    object.insert("uri".into(), CanonicalJsonValue::String(uri.to_owned()));
-    object.insert("origin".into(), CanonicalJsonValue::String(origin.to_string()));
-    object.insert("destination".into(), CanonicalJsonValue::String(destination.to_string()));
-    if let Some(content) = content {
-        object.insert("content".into(), content.clone());
-    }
-    object
-}
-
-/// What an X-Matrix signature covers, borrowed: the same canonical JSON as
-/// [`request_object`] (the fields are in key order, and nothing in it is `signatures` or
-/// `unsigned`), without copying the body into a new object twice.
+/// What an X-Matrix signature covers, `{method, uri, origin, destination, content}`,
+/// borrowed: serialised in key order, it is the object's canonical JSON (nothing in it is
+/// `signatures` or `unsigned`, which signing strips), without copying the body.
 #[derive(Serialize)]
 struct Signed<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -184,7 +165,7 @@ struct Signed<'a> {
     uri: &'a str,
 }
 
-/// The canonical JSON of [`request_object`], which the X-Matrix signature signs.
+/// The canonical JSON that an X-Matrix signature signs.
 pub fn signing_text(
     method: &str,
     uri: &str,
@@ -268,7 +249,7 @@ pub fn check_destination(header: &XMatrix, our_name: &ServerName) -> Result<(), 
 
 #[cfg(test)]
 mod tests {
-    use ruma::{canonical_json::to_canonical_value, server_name};
+    use ruma::{CanonicalJsonObject, canonical_json::to_canonical_value, server_name};
     use serde_json::json;
 
     use super::*;
@@ -298,6 +279,25 @@ mod tests {
         tamper(&mut header, &mut content, &mut uri);
         let public_key = public(verifier_key.unwrap_or(&origin));
         verify_request(&header, server_name!("b.test"), "PUT", &uri, content.as_ref(), &public_key)
+    }
+
+    /// The signed object built as an object, to check [`signing_text`] against ruma.
+    fn request_object(
+        method: &str,
+        uri: &str,
+        origin: &ServerName,
+        destination: &ServerName,
+        content: Option<&CanonicalJsonValue>,
+    ) -> CanonicalJsonObject {
+        let mut object = CanonicalJsonObject::new();
+        object.insert("method".into(), CanonicalJsonValue::String(method.to_owned()));
+        object.insert("uri".into(), CanonicalJsonValue::String(uri.to_owned()));
+        object.insert("origin".into(), CanonicalJsonValue::String(origin.to_string()));
+        object.insert("destination".into(), CanonicalJsonValue::String(destination.to_string()));
+        if let Some(content) = content {
+            object.insert("content".into(), content.clone());
+        }
+        object
     }
 
     #[test]

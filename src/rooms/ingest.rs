@@ -251,6 +251,14 @@ pub enum TransactionError {
 /// The per-PDU results of a transaction, as `/send` answers them.
 pub type TransactionResults = BTreeMap<OwnedEventId, Result<Accepted, IngestError>>;
 
+/// A received PDU redacted and serialised for its event id and signature checks, with its
+/// room's version and that version's rules (see [`Rooms::prepare_remote`]).
+struct Prepared {
+    received: ReceivedPdu,
+    version: RoomVersionId,
+    rules: RoomVersionRules,
+}
+
 /// A PDU that passed the checks that need no room state: format, signatures, hash.
 pub(super) struct Checked {
     pub(super) pdu: Pdu,
@@ -283,13 +291,13 @@ impl Rooms {
                     continue;
                 };
                 // The result is keyed by event id: a PDU without a computable one is dropped.
-                let Some((received, version)) = self.prepare_remote(&json) else {
+                let Some(prepared) = self.prepare_remote(&json) else {
                     tracing::debug!("PDU without a computable event id: dropped");
                     continue;
                 };
-                let event_id = received.event_id().clone();
-                let known = Some((received, version));
-                let result = self.receive_pdu_inner(origin, json, remote, true, known).await;
+                let event_id = prepared.received.event_id().clone();
+                let result =
+                    self.receive_pdu_inner(origin, json, remote, true, Some(prepared)).await;
                 if let Err(error) = &result {
                     tracing::info!(%event_id, %error, "PDU not accepted");
                 }
@@ -303,14 +311,15 @@ impl Rooms {
 
     /// A remote PDU redacted and serialised for its event id and signature checks, with its
     /// room's version, if the room is known.
-    fn prepare_remote(&self, json: &CanonicalJsonObject) -> Option<(ReceivedPdu, RoomVersionId)> {
+    fn prepare_remote(&self, json: &CanonicalJsonObject) -> Option<Prepared> {
         let room_id = match json.get("room_id") {
             Some(CanonicalJsonValue::String(room_id)) => RoomId::parse(room_id).ok()?,
             _ => return None,
         };
         let version = self.known_room_version(&room_id).ok()??;
         let rules = federation::signing::rules_for(&version).ok()?;
-        Some((ReceivedPdu::prepare(json, &rules).ok()?, version))
+        let received = ReceivedPdu::prepare(json, &rules).ok()?;
+        Some(Prepared { received, version, rules })
     }
 
     /// Receives one PDU from `origin`: every check on receipt, in the spec's order, fetching
@@ -325,14 +334,14 @@ impl Rooms {
         self.receive_pdu_inner(origin, json, remote, true, None).await
     }
 
-    /// [`Rooms::receive_pdu`], with the event id and room version when the caller has them.
+    /// [`Rooms::receive_pdu`], with the PDU already prepared (event id, room version and rules) when the caller has it.
     async fn receive_pdu_inner(
         &self,
         origin: &ServerName,
         json: CanonicalJsonObject,
         remote: &Remote,
         fetch_missing_prev: bool,
-        known: Option<(ReceivedPdu, RoomVersionId)>,
+        known: Option<Prepared>,
     ) -> Result<Accepted, IngestError> {
         // 1. and 2. and 3.: format, signatures, content hash.
         let Checked { pdu, rules } = self.check_received_as(json, remote, known).await?;
@@ -500,29 +509,26 @@ impl Rooms {
         self.check_received_as(json, remote, None).await
     }
 
-    /// [`Rooms::check_received`], with the PDU already prepared and its room version when the
+    /// [`Rooms::check_received`], with the PDU already prepared (its room version and rules too) when the
     /// caller did that from the same JSON (the event id is a hash of the redacted event
     /// without `unsigned`, so the checks here do not change it).
     async fn check_received_as(
         &self,
         mut json: CanonicalJsonObject,
         remote: &Remote,
-        known: Option<(ReceivedPdu, RoomVersionId)>,
+        known: Option<Prepared>,
     ) -> Result<Checked, IngestError> {
         let room_id = match json.get("room_id") {
             Some(CanonicalJsonValue::String(room_id)) => RoomId::parse(room_id)
                 .map_err(|error| IngestError::Malformed(format!("room_id: {error}")))?,
             _ => return Err(IngestError::Malformed("missing room_id".into())),
         };
-        let (received, version, rules) = match known {
-            Some((received, version)) => {
-                let rules = federation::signing::rules_for(&version).map_err(RoomError::from)?;
-                (received, version, rules)
-            }
+        let Prepared { received, version, rules } = match known {
+            Some(prepared) => prepared,
             None => {
                 let version = self.known_room_version(&room_id)?.ok_or(IngestError::UnknownRoom)?;
                 let rules = federation::signing::rules_for(&version).map_err(RoomError::from)?;
-                (prepare(&json, &rules)?, version, rules)
+                Prepared { received: prepare(&json, &rules)?, version, rules }
             }
         };
         self.check_prepared(&mut json, &received, &version, &rules, remote).await?;

@@ -122,7 +122,7 @@ async fn verify_x_matrix(
     };
     let (origin, content) = state
         .federation
-        .verify_request_content(authorization, parts.method.as_str(), target, &bytes)
+        .verify_request(authorization, parts.method.as_str(), target, &bytes)
         .await
         .map_err(XMatrixError)?;
     if let Some(content) = content {
