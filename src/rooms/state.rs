@@ -1,9 +1,9 @@
 //! Room state snapshots, stored as deltas against a parent snapshot.
 //!
 //! A snapshot maps short state keys (type, state_key) to short event ids. Each state event
-//! makes a new snapshot holding only its change and a pointer to the previous one; every
-//! [`FULL_EVERY`] deltas a full copy is written so that loading never walks a long chain.
-//! Events point at the snapshot before and after them.
+//! makes a new snapshot holding only its change and a pointer to the previous one; when the
+//! chain of deltas grows long a full copy is written, so that loading never walks far
+//! ([`full_copy_due`]). Events point at the snapshot before and after them.
 //!
 //! In memory a full map is a persistent hash map ([`imbl`]): the map after a state event
 //! shares all but the changed path with the map before it, so adding an event to a room of
@@ -17,9 +17,17 @@ use storage::{Batch, Db, keys};
 
 use crate::kept::Kept;
 
-/// After this many deltas in a chain, a full snapshot is written.
+/// A chain of deltas is allowed at least this long before a full snapshot is written...
 pub const FULL_EVERY: u32 = 50;
+/// ...and, for a large state, one delta for every this many entries of it: a full copy of a
+/// state of n entries then costs each of the n/64 events before it 64 entries of writing,
+/// however large the room, where a fixed chain length made each event pay n/50 (a room of
+/// 30,000 state events wrote a 30,000-entry copy every 50 events). Loading from a cold cache
+/// reads at most n/64 small deltas besides the copy of n entries.
+const ENTRIES_PER_DELTA: usize = 64;
 const CACHE_MAX: usize = 2048;
+/// How many snapshots' chain depths are kept.
+const DEPTHS_MAX: usize = 65_536;
 
 const SNAPSHOTS: &str = "snapshot_to_delta";
 const STATE_KEY_TO_SHORT: &str = "state_key_to_short";
@@ -47,12 +55,37 @@ type StateKey = Arc<(String, String)>;
 pub struct SnapshotCache {
     maps: Kept<u64, Arc<ShortState>>,
     names: Kept<u64, StateKey>,
+    /// How deep in its chain each snapshot is (they never change): a child's depth would
+    /// otherwise parse its parent's stored record, a whole copy when the parent is a full one.
+    depths: Kept<u64, u32>,
 }
 
 impl Default for SnapshotCache {
     fn default() -> Self {
-        Self { maps: Kept::new(CACHE_MAX), names: Kept::new(NAMES_MAX) }
+        Self {
+            maps: Kept::new(CACHE_MAX),
+            names: Kept::new(NAMES_MAX),
+            depths: Kept::new(DEPTHS_MAX),
+        }
     }
+}
+
+/// Whether a snapshot whose parent is `parent_depth` deep, of `len` entries, is written as a
+/// full copy rather than one more delta.
+pub fn full_copy_due(parent_depth: u32, len: usize) -> bool {
+    let allowed = FULL_EVERY.max(u32::try_from(len / ENTRIES_PER_DELTA).unwrap_or(u32::MAX));
+    parent_depth + 1 >= allowed
+}
+
+/// How deep snapshot `id` is in its chain of deltas (0 for a full copy or none).
+fn depth_of(db: &Db, cache: &SnapshotCache, id: Option<u64>) -> Result<u32, storage::Error> {
+    let Some(id) = id else { return Ok(0) };
+    if let Some(depth) = cache.depths.get(&id) {
+        return Ok(depth);
+    }
+    let depth = db.get::<Snapshot>(SNAPSHOTS, &keys::encode_u64(id))?.map_or(0, |s| s.depth);
+    cache.depths.insert(id, depth);
+    Ok(depth)
 }
 
 impl SnapshotCache {
@@ -165,20 +198,16 @@ pub fn add_to_snapshot(
 ) -> Result<u64, storage::Error> {
     let state_key_short = state_key_short_or_new(db, batch, kind, state_key)?;
     let id = db.next_short(batch)?;
-    let parent_depth = match parent {
-        Some(parent) => {
-            db.get::<Snapshot>(SNAPSHOTS, &keys::encode_u64(parent))?.map(|s| s.depth).unwrap_or(0)
-        }
-        None => 0,
-    };
+    let parent_depth = depth_of(db, cache, parent)?;
     let mut full = (*load_snapshot(db, cache, parent)?).clone();
     full.insert(state_key_short, event_short);
-    let snapshot = if parent.is_none() || parent_depth + 1 >= FULL_EVERY {
+    let snapshot = if parent.is_none() || full_copy_due(parent_depth, full.len()) {
         Snapshot { parent: None, depth: 0, changes: full.iter().map(|(k, v)| (*k, *v)).collect() }
     } else {
         Snapshot { parent, depth: parent_depth + 1, changes: vec![(state_key_short, event_short)] }
     };
     batch.put(SNAPSHOTS, &keys::encode_u64(id), &snapshot)?;
+    cache.depths.insert(id, snapshot.depth);
     cache.put(id, Arc::new(full));
     Ok(id)
 }
@@ -194,14 +223,9 @@ pub fn write_snapshot(
 ) -> Result<u64, storage::Error> {
     let id = db.next_short(batch)?;
     let base = load_snapshot(db, cache, parent)?;
-    let parent_depth = match parent {
-        Some(parent) => {
-            db.get::<Snapshot>(SNAPSHOTS, &keys::encode_u64(parent))?.map(|s| s.depth).unwrap_or(0)
-        }
-        None => 0,
-    };
+    let parent_depth = depth_of(db, cache, parent)?;
     let removes = base.keys().any(|key| !full.contains_key(key));
-    let snapshot = if parent.is_none() || removes || parent_depth + 1 >= FULL_EVERY {
+    let snapshot = if parent.is_none() || removes || full_copy_due(parent_depth, full.len()) {
         Snapshot { parent: None, depth: 0, changes: full.iter().map(|(k, v)| (*k, *v)).collect() }
     } else {
         let changes =
@@ -209,6 +233,7 @@ pub fn write_snapshot(
         Snapshot { parent, depth: parent_depth + 1, changes }
     };
     batch.put(SNAPSHOTS, &keys::encode_u64(id), &snapshot)?;
+    cache.depths.insert(id, snapshot.depth);
     cache.put(id, Arc::new(full));
     Ok(id)
 }
@@ -321,6 +346,50 @@ mod tests {
         assert!(
             resolve_changes(&db, &cache, parent, Some(parent), |_, _| true).unwrap().is_empty()
         );
+    }
+
+    #[test]
+    fn large_states_are_copied_whole_less_often() {
+        assert!(!full_copy_due(FULL_EVERY - 2, 100));
+        assert!(full_copy_due(FULL_EVERY - 1, 100));
+        assert!(!full_copy_due(400, 30_000));
+        assert!(full_copy_due(30_000 / 64 - 1, 30_000));
+        // A chain longer than FULL_EVERY over a large state loads the same from a cold cache,
+        // and its depth is read from the store when the cache does not know it.
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        let cache = SnapshotCache::default();
+        let entries = 64 * (FULL_EVERY as usize + 30);
+        // Keys far above the short ids the new members' (type, state_key) pairs get.
+        let full: ShortState =
+            (0..entries as u64).map(|key| (key + 1_000_000, key + 100_000)).collect();
+        let mut batch = db.batch();
+        let mut parent = Some(write_snapshot(&db, &cache, &mut batch, None, full).unwrap());
+        db.write(batch).unwrap();
+        let mut depths = Vec::new();
+        for index in 0..(FULL_EVERY + 40) as u64 {
+            let mut batch = db.batch();
+            let kind = "m.room.member";
+            let id = add_to_snapshot(
+                &db,
+                &cache,
+                &mut batch,
+                parent,
+                kind,
+                &format!("@u{index}:x"),
+                index + 1,
+            )
+            .unwrap();
+            db.write(batch).unwrap();
+            parent = Some(id);
+            depths.push(depth_of(&db, &SnapshotCache::default(), parent).unwrap());
+        }
+        // One full copy in the 90 deltas (allowed 81 deep), not one every 50.
+        assert_eq!(depths.iter().filter(|depth| **depth == 0).count(), 1, "{depths:?}");
+        assert_eq!(depths[..80], (1..=80).collect::<Vec<u32>>()[..]);
+        let cold = load_snapshot(&db, &SnapshotCache::default(), parent).unwrap();
+        assert_eq!(cold.len(), entries + (FULL_EVERY as usize + 40));
+        assert_eq!(*cold, *load_snapshot(&db, &cache, parent).unwrap());
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Hearth's storage layer: RocksDB column families behind a small typed API.
 //!
 //! The crate knows RocksDB and byte layouts, nothing of HTTP or Matrix error codes.
-//! Every column family is a [`Table`] named after what maps to what
-//! (`event_id_to_pdu`, `room_alias_to_room_id`, ...); the list lives in [`TABLES`] so a
-//! database opened by a newer binary creates the tables it is missing.
+//! Every table is named after what maps to what (`event_id_to_pdu`, `room_alias_to_room_id`,
+//! ...); the list lives in [`TABLES`] so a database opened by a newer binary creates the tables
+//! it is missing. A large or hot table is a column family of its own; the small ones share
+//! RocksDB's default column family, each under a one-byte tag ([`Home`]), which callers never
+//! see.
 //! One logical change is one [`Batch`], written atomically with [`Db::write`]; the global
 //! stream position, which orders everything `/sync` reports, is bumped inside the same batch
 //! by [`Db::write_at_next_position`].
@@ -12,6 +14,8 @@
 pub mod keys;
 
 use std::{
+    borrow::Cow,
+    collections::HashMap,
     path::Path,
     sync::{
         Arc, Mutex,
@@ -25,56 +29,71 @@ use rocksdb::{
 };
 
 /// The schema version this binary writes; older databases are migrated on open.
-pub const SCHEMA_VERSION: u64 = 1;
+///
+/// 2: the small tables moved from a column family each into the default one, under a tag.
+pub const SCHEMA_VERSION: u64 = 2;
 
-/// Every column family the server uses. Adding one here is enough: it is created on open.
-pub const TABLES: &[&str] = &[
-    "global",
-    "user_id_to_account",
-    "token_hash_to_session",
-    "user_device_to_device",
-    "user_filter_to_filter",
-    "openid_token_hash_to_openid_token",
-    "uia_session_to_state",
-    "user_room_type_to_account_data",
-    "user_position_to_account_data_change",
-    "txn_to_event_id",
-    "event_id_to_pdu",
-    "event_id_to_meta",
-    "event_id_to_short",
-    "short_to_event_id",
-    "state_key_to_short",
-    "short_to_state_key",
-    "snapshot_to_delta",
-    "room_id_to_room",
-    "room_position_to_event_id",
-    "room_order_to_historical_event_id",
-    "room_state_key_to_event_id",
-    "user_room_to_membership",
-    "room_user_to_membership",
-    "room_alias_to_room_id",
-    "room_id_alias_to_unit",
-    "public_room_id_to_unit",
-    "room_receipt_to_receipt",
-    "room_position_to_receipt",
-    "user_id_to_presence",
-    "event_relations",
-    "user_device_to_device_keys",
-    "user_device_algorithm_upload_to_one_time_key",
-    "user_device_algorithm_to_fallback_key",
-    "user_kind_to_cross_signing_key",
-    "position_user_to_key_change",
-    "destination_id_to_outbound",
-    "user_id_to_device_list_edu",
-    "user_id_to_dehydrated_device",
-    "user_device_position_to_to_device",
-    "user_device_txn_to_to_device_txn",
-    "user_device_batch_to_to_device_cursor",
-    "server_message_to_to_device_message",
-    "user_to_last_key_change",
-    "server_name_to_server_keys",
-    "user_version_to_key_backup_version",
-    "user_version_room_session_to_room_key",
+/// Where a table's entries live.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Home {
+    /// A column family of the table's own name. For the large and hot tables: each has its
+    /// own memtable, files and compactions, and the point-read ones their memtable filter.
+    Own,
+    /// RocksDB's default column family, each key behind this one-byte tag. Every column
+    /// family costs about 110 KiB of memory even when empty (its statistics, version and
+    /// memtable), so the many small tables share one. A tag is never reused or changed.
+    Shared(u8),
+}
+
+/// Every table the server uses and where it lives. Adding one here is enough: it is created
+/// on open (an [`Home::Own`] table as a new column family; a shared one needs a new tag).
+pub const TABLES: &[(&str, Home)] = &[
+    ("global", Home::Own),
+    ("event_id_to_pdu", Home::Own),
+    ("event_id_to_meta", Home::Own),
+    ("event_id_to_short", Home::Own),
+    ("short_to_event_id", Home::Own),
+    ("state_key_to_short", Home::Own),
+    ("short_to_state_key", Home::Own),
+    ("snapshot_to_delta", Home::Own),
+    ("room_position_to_event_id", Home::Own),
+    ("room_state_key_to_event_id", Home::Own),
+    ("user_id_to_account", Home::Shared(1)),
+    ("token_hash_to_session", Home::Shared(2)),
+    ("user_device_to_device", Home::Shared(3)),
+    ("user_filter_to_filter", Home::Shared(4)),
+    ("openid_token_hash_to_openid_token", Home::Shared(5)),
+    ("uia_session_to_state", Home::Shared(6)),
+    ("user_room_type_to_account_data", Home::Shared(7)),
+    ("user_position_to_account_data_change", Home::Shared(8)),
+    ("txn_to_event_id", Home::Shared(9)),
+    ("room_id_to_room", Home::Shared(10)),
+    ("room_order_to_historical_event_id", Home::Shared(11)),
+    ("user_room_to_membership", Home::Shared(12)),
+    ("room_user_to_membership", Home::Shared(13)),
+    ("room_alias_to_room_id", Home::Shared(14)),
+    ("room_id_alias_to_unit", Home::Shared(15)),
+    ("public_room_id_to_unit", Home::Shared(16)),
+    ("room_receipt_to_receipt", Home::Shared(17)),
+    ("room_position_to_receipt", Home::Shared(18)),
+    ("user_id_to_presence", Home::Shared(19)),
+    ("event_relations", Home::Shared(20)),
+    ("user_device_to_device_keys", Home::Shared(21)),
+    ("user_device_algorithm_upload_to_one_time_key", Home::Shared(22)),
+    ("user_device_algorithm_to_fallback_key", Home::Shared(23)),
+    ("user_kind_to_cross_signing_key", Home::Shared(24)),
+    ("position_user_to_key_change", Home::Shared(25)),
+    ("destination_id_to_outbound", Home::Shared(26)),
+    ("user_id_to_device_list_edu", Home::Shared(27)),
+    ("user_id_to_dehydrated_device", Home::Shared(28)),
+    ("user_device_position_to_to_device", Home::Shared(29)),
+    ("user_device_txn_to_to_device_txn", Home::Shared(30)),
+    ("user_device_batch_to_to_device_cursor", Home::Shared(31)),
+    ("server_message_to_to_device_message", Home::Shared(32)),
+    ("user_to_last_key_change", Home::Shared(33)),
+    ("server_name_to_server_keys", Home::Shared(34)),
+    ("user_version_to_key_backup_version", Home::Shared(35)),
+    ("user_version_room_session_to_room_key", Home::Shared(36)),
 ];
 
 /// Errors from the storage layer.
@@ -119,6 +138,8 @@ pub struct Db {
 
 struct Inner {
     rocks: Rocks,
+    /// Each table's home, by name.
+    homes: HashMap<&'static str, Home>,
     /// The last stream position that is written and visible.
     position: AtomicU64,
     /// Held while a position is allocated and its batch written, so positions become visible in
@@ -143,12 +164,16 @@ const MEMTABLE_BYTES: usize = 4 << 20;
 /// All memtables together; past this, the largest is flushed.
 const MEMTABLES_TOTAL_BYTES: usize = 32 << 20;
 
+/// How many entries a migration moves per batch.
+const MIGRATION_BATCH: usize = 4096;
+
 const POSITION_KEY: &[u8] = b"stream_position";
 const SHORT_KEY: &[u8] = b"next_short";
 const SCHEMA_KEY: &[u8] = b"schema_version";
 
 impl Db {
-    /// Opens (or creates) the database under `path`.
+    /// Opens (or creates) the database under `path`, and moves the tables of an older layout
+    /// into their homes.
     pub fn open(path: &Path) -> Result<Self> {
         let mut options = Options::default();
         options.create_if_missing(true);
@@ -166,7 +191,7 @@ impl Db {
         // One cache is shared by all tables, and all memtables together are capped.
         options.set_db_write_buffer_size(MEMTABLES_TOTAL_BYTES);
         let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
-        let descriptors = TABLES.iter().map(|name| {
+        let family_options = |name: &str| {
             let mut table_options = Options::default();
             table_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
             table_options.set_write_buffer_size(MEMTABLE_BYTES);
@@ -175,12 +200,31 @@ impl Db {
             block_options.set_bloom_filter(10.0, false);
             block_options.set_cache_index_and_filter_blocks(true);
             table_options.set_block_based_table_factory(&block_options);
-            if POINT_READ_TABLES.contains(name) {
+            if POINT_READ_TABLES.contains(&name) {
                 table_options.set_memtable_prefix_bloom_ratio(MEMTABLE_FILTER_RATIO);
                 table_options.set_memtable_whole_key_filtering(true);
             }
-            ColumnFamilyDescriptor::new(*name, table_options)
-        });
+            table_options
+        };
+        // The families to open: the default one, every own table's, and whatever the database
+        // already has (RocksDB opens all or none), such as a shared table's family from before
+        // schema 2.
+        let mut families = vec![rocksdb::DEFAULT_COLUMN_FAMILY_NAME.to_owned()];
+        families.extend(
+            TABLES
+                .iter()
+                .filter(|(_, home)| *home == Home::Own)
+                .map(|(name, _)| (*name).to_owned()),
+        );
+        // A database that does not exist yet has no families to list.
+        for name in Rocks::list_cf(&options, path).unwrap_or_default() {
+            if !families.contains(&name) {
+                families.push(name);
+            }
+        }
+        let descriptors = families
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(name.as_str(), family_options(name)));
         let rocks = Rocks::open_cf_descriptors(&options, path, descriptors)?;
         let read_u64 = |key: &[u8]| -> Result<Option<u64>> {
             let table = rocks.cf_handle("global").ok_or(Error::UnknownTable("global".into()))?;
@@ -197,17 +241,56 @@ impl Db {
         let db = Self {
             inner: Arc::new(Inner {
                 rocks,
+                homes: TABLES.iter().copied().collect(),
                 position: AtomicU64::new(position),
                 write_lock: Mutex::new(()),
                 next_short: AtomicU64::new(next_short),
             }),
         };
-        if schema.is_none() {
+        for (name, home) in TABLES {
+            if let Home::Shared(tag) = home
+                && families.iter().any(|family| family == name)
+            {
+                db.move_into_shared(name, *tag)?;
+            }
+        }
+        if schema != Some(SCHEMA_VERSION) {
             let mut batch = db.batch();
             batch.put_raw("global", SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?;
             db.write(batch)?;
         }
         Ok(db)
+    }
+
+    /// Moves a shared table's entries out of the column family it had before schema 2 into the
+    /// default family under its tag, then drops the old family. Idempotent: if the process stops
+    /// before the drop, the next open copies the same entries again (nothing is served between).
+    fn move_into_shared(&self, name: &str, tag: u8) -> Result<()> {
+        let rocks = &self.inner.rocks;
+        let moved = {
+            let old = self.family(name)?;
+            let default = self.family(rocksdb::DEFAULT_COLUMN_FAMILY_NAME)?;
+            let mut batch = WriteBatch::default();
+            let mut moved = 0usize;
+            for item in rocks.iterator_cf(&old, IteratorMode::Start) {
+                let (key, value) = item?;
+                batch.put_cf(&default, tagged(Some(tag), &key), value);
+                moved += 1;
+                if batch.len() >= MIGRATION_BATCH {
+                    rocks.write(std::mem::take(&mut batch))?;
+                }
+            }
+            rocks.write(batch)?;
+            moved
+        };
+        rocks.flush_wal(true)?;
+        rocks.drop_cf(name)?;
+        tracing::info!(
+            table = name,
+            entries = moved,
+            "moved a table into the shared column family"
+        );
+        Ok(())
     }
 
     /// The last stream position whose changes are written and visible.
@@ -220,8 +303,19 @@ impl Db {
         Batch { db: self, batch: WriteBatch::default() }
     }
 
-    fn table(&self, name: &str) -> Result<Arc<BoundColumnFamily<'_>>> {
+    fn family(&self, name: &str) -> Result<Arc<BoundColumnFamily<'_>>> {
         self.inner.rocks.cf_handle(name).ok_or_else(|| Error::UnknownTable(name.to_owned()))
+    }
+
+    /// A table's column family, and the tag its keys carry there (`None` for an own table).
+    fn table(&self, name: &str) -> Result<(Arc<BoundColumnFamily<'_>>, Option<u8>)> {
+        match self.inner.homes.get(name) {
+            Some(Home::Own) => Ok((self.family(name)?, None)),
+            Some(Home::Shared(tag)) => {
+                Ok((self.family(rocksdb::DEFAULT_COLUMN_FAMILY_NAME)?, Some(*tag)))
+            }
+            None => Err(Error::UnknownTable(name.to_owned())),
+        }
     }
 
     /// Writes a batch atomically, WAL first.
@@ -257,7 +351,8 @@ impl Db {
 
     /// Reads raw bytes.
     pub fn get_raw(&self, table: &str, key: &[u8]) -> Result<Option<Vec<u8>>> {
-        Ok(self.inner.rocks.get_cf(&self.table(table)?, key)?)
+        let (family, tag) = self.table(table)?;
+        Ok(self.inner.rocks.get_cf(&family, tagged(tag, key))?)
     }
 
     /// Reads and decodes a JSON value.
@@ -278,7 +373,8 @@ impl Db {
         key: &[u8],
         decode: impl FnOnce(&[u8]) -> T,
     ) -> Result<Option<T>> {
-        Ok(self.inner.rocks.get_pinned_cf(&self.table(table)?, key)?.map(|bytes| decode(&bytes)))
+        let (family, tag) = self.table(table)?;
+        Ok(self.inner.rocks.get_pinned_cf(&family, tagged(tag, key))?.map(|bytes| decode(&bytes)))
     }
 
     /// Reads many keys of one table in one batched lookup (RocksDB's `MultiGet`, which shares
@@ -290,9 +386,9 @@ impl Db {
         keys: &[K],
         mut decode: impl FnMut(usize, &[u8]),
     ) -> Result<()> {
-        let table = self.table(table)?;
-        let values =
-            self.inner.rocks.batched_multi_get_cf(&table, keys.iter().map(AsRef::as_ref), false);
+        let (family, tag) = self.table(table)?;
+        let keys: Vec<Cow<'_, [u8]>> = keys.iter().map(|key| tagged(tag, key.as_ref())).collect();
+        let values = self.inner.rocks.batched_multi_get_cf(&family, &keys, false);
         for (index, value) in values.into_iter().enumerate() {
             if let Some(bytes) = value? {
                 decode(index, &bytes);
@@ -304,7 +400,8 @@ impl Db {
     /// Whether a key exists.
     pub fn contains(&self, table: &str, key: &[u8]) -> Result<bool> {
         // Pinned: the value is looked at in place, not copied out.
-        Ok(self.inner.rocks.get_pinned_cf(&self.table(table)?, key)?.is_some())
+        let (family, tag) = self.table(table)?;
+        Ok(self.inner.rocks.get_pinned_cf(&family, tagged(tag, key))?.is_some())
     }
 
     /// All entries whose key starts with `prefix`, in key order.
@@ -359,10 +456,12 @@ impl Db {
         direction: Direction,
         mut visit: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<()> {
-        let handle = self.table(table)?;
-        for item in self.inner.rocks.iterator_cf(&handle, IteratorMode::From(start, direction)) {
+        let (family, tag) = self.table(table)?;
+        let (prefix, start) = (tagged(tag, prefix), tagged(tag, start));
+        let skip = usize::from(tag.is_some());
+        for item in self.inner.rocks.iterator_cf(&family, IteratorMode::From(&start, direction)) {
             let (key, value) = item?;
-            if !key.starts_with(prefix) || !visit(&key, &value) {
+            if !key.starts_with(&prefix) || !visit(&key[skip..], &value) {
                 break;
             }
         }
@@ -372,8 +471,11 @@ impl Db {
     /// Flushes memtables and the WAL to disk (used on shutdown).
     pub fn flush(&self) -> Result<()> {
         self.inner.rocks.flush_wal(true)?;
-        for name in TABLES {
-            self.inner.rocks.flush_cf(&self.table(name)?)?;
+        self.inner.rocks.flush_cf(&self.family(rocksdb::DEFAULT_COLUMN_FAMILY_NAME)?)?;
+        for (name, home) in TABLES {
+            if *home == Home::Own {
+                self.inner.rocks.flush_cf(&self.family(name)?)?;
+            }
         }
         Ok(())
     }
@@ -386,6 +488,19 @@ impl Db {
     }
 }
 
+/// `key` as stored: behind the table's tag in the shared family, as it is in an own one.
+fn tagged(tag: Option<u8>, key: &[u8]) -> Cow<'_, [u8]> {
+    match tag {
+        None => Cow::Borrowed(key),
+        Some(tag) => {
+            let mut stored = Vec::with_capacity(key.len() + 1);
+            stored.push(tag);
+            stored.extend_from_slice(key);
+            Cow::Owned(stored)
+        }
+    }
+}
+
 /// A set of writes committed atomically by [`Db::write`].
 pub struct Batch<'a> {
     db: &'a Db,
@@ -395,7 +510,8 @@ pub struct Batch<'a> {
 impl Batch<'_> {
     /// Adds a raw write.
     pub fn put_raw(&mut self, table: &str, key: &[u8], value: &[u8]) -> Result<()> {
-        self.batch.put_cf(&self.db.table(table)?, key, value);
+        let (family, tag) = self.db.table(table)?;
+        self.batch.put_cf(&family, tagged(tag, key), value);
         Ok(())
     }
 
@@ -407,7 +523,8 @@ impl Batch<'_> {
 
     /// Adds a delete.
     pub fn delete(&mut self, table: &str, key: &[u8]) -> Result<()> {
-        self.batch.delete_cf(&self.db.table(table)?, key);
+        let (family, tag) = self.db.table(table)?;
+        self.batch.delete_cf(&family, tagged(tag, key));
         Ok(())
     }
 
@@ -501,6 +618,86 @@ mod tests {
         assert_eq!(found[1], None);
         assert_eq!(found[2].as_deref(), Some(&b"fresh"[..]));
         assert!(db.read_many("no_such_table", &keys, |_, _| {}).is_err());
+    }
+
+    #[test]
+    fn shared_tables_keep_to_their_own_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::open(dir.path()).unwrap();
+        // Neighbouring tags, the same keys in each.
+        let (first, second) = ("user_id_to_account", "token_hash_to_session");
+        let mut batch = db.batch();
+        for table in [first, second] {
+            for key in [&b"@a"[..], b"@b", b"\xff"] {
+                batch.put_raw(table, key, table.as_bytes()).unwrap();
+            }
+        }
+        db.write(batch).unwrap();
+        let all = db.scan_prefix(first, b"").unwrap();
+        let keys: Vec<&[u8]> = all.iter().map(|(key, _)| key.as_slice()).collect();
+        assert_eq!(keys, vec![&b"@a"[..], b"@b", b"\xff"], "keys come back without the tag");
+        assert!(all.iter().all(|(_, value)| value == first.as_bytes()));
+        let mut backwards = Vec::new();
+        db.for_each_prefix_rev(second, b"", b"\xff\xff", |key, value| {
+            assert_eq!(value, second.as_bytes());
+            backwards.push(key.to_vec());
+            true
+        })
+        .unwrap();
+        assert_eq!(backwards, vec![b"\xff".to_vec(), b"@b".to_vec(), b"@a".to_vec()]);
+        let mut batch = db.batch();
+        batch.delete(first, b"@a").unwrap();
+        db.write(batch).unwrap();
+        assert_eq!(db.get_raw(first, b"@a").unwrap(), None);
+        assert_eq!(db.get_raw(second, b"@a").unwrap().as_deref(), Some(second.as_bytes()));
+        let mut found = Vec::new();
+        db.read_many(second, &[&b"@b"[..], b"@a"], |index, _| found.push(index)).unwrap();
+        assert_eq!(found, vec![0, 1]);
+    }
+
+    #[test]
+    fn a_schema_1_database_moves_its_small_tables_into_the_shared_family() {
+        let dir = tempfile::tempdir().unwrap();
+        let legacy = "user_id_to_account";
+        {
+            // The layout before schema 2: every table its own column family.
+            let mut options = Options::default();
+            options.create_if_missing(true);
+            options.create_missing_column_families(true);
+            let rocks = Rocks::open_cf(&options, dir.path(), ["global", legacy]).unwrap();
+            let (global, accounts) =
+                (rocks.cf_handle("global").unwrap(), rocks.cf_handle(legacy).unwrap());
+            rocks.put_cf(&global, SCHEMA_KEY, 1u64.to_be_bytes()).unwrap();
+            rocks.put_cf(&global, POSITION_KEY, 7u64.to_be_bytes()).unwrap();
+            for index in 0..(MIGRATION_BATCH + 10) {
+                rocks.put_cf(&accounts, format!("@user{index:05}"), b"{}").unwrap();
+            }
+        }
+        for _ in 0..2 {
+            let db = Db::open(dir.path()).unwrap();
+            assert_eq!(db.position(), 7);
+            assert_eq!(db.scan_prefix(legacy, b"@user").unwrap().len(), MIGRATION_BATCH + 10);
+            assert_eq!(db.get_raw(legacy, b"@user00003").unwrap().as_deref(), Some(&b"{}"[..]));
+            assert_eq!(
+                db.get_raw("global", SCHEMA_KEY).unwrap().as_deref().and_then(keys::decode_u64),
+                Some(SCHEMA_VERSION)
+            );
+            drop(db);
+            let families = Rocks::list_cf(&Options::default(), dir.path()).unwrap();
+            assert!(!families.iter().any(|name| name == legacy), "{families:?}");
+        }
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Db::open(dir.path()).unwrap();
+            let mut batch = db.batch();
+            batch.put_raw("global", SCHEMA_KEY, &(SCHEMA_VERSION + 1).to_be_bytes()).unwrap();
+            db.write(batch).unwrap();
+        }
+        assert!(matches!(Db::open(dir.path()), Err(Error::SchemaTooNew { .. })));
     }
 
     #[test]
