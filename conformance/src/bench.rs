@@ -69,6 +69,9 @@ pub struct Sizes {
     pub s1_senders: Vec<usize>,
     /// S2: clients long-polling `/sync`.
     pub s2_clients: usize,
+    /// S2: how many rooms the clients are spread over, one measurement for each.
+    #[serde(default = "one_room")]
+    pub s2_rooms: Vec<usize>,
     /// S2: messages per second sent into the room.
     pub s2_rate: u32,
     /// S2: how long messages are sent.
@@ -89,12 +92,18 @@ pub struct Sizes {
     pub s5_messages: usize,
 }
 
+/// What results files from before `s2_rooms` measured.
+fn one_room() -> Vec<usize> {
+    vec![1]
+}
+
 impl Default for Sizes {
     fn default() -> Self {
         Self {
             s1_messages: 2000,
             s1_senders: vec![1, 10],
             s2_clients: 1000,
+            s2_rooms: vec![1, 100],
             s2_rate: 50,
             s2_seconds: 20,
             s3_rooms: 50,
@@ -114,6 +123,7 @@ impl Sizes {
             s1_messages: 40,
             s1_senders: vec![1, 4],
             s2_clients: 5,
+            s2_rooms: vec![1, 2],
             s2_rate: 20,
             s2_seconds: 2,
             s3_rooms: 3,
@@ -256,13 +266,29 @@ fn sync_path(filter: &Value, since: Option<&str>, timeout_ms: u64) -> String {
     path
 }
 
-/// S2: delivery latency to clients long-polling `/sync`.
+/// S2: delivery latency to clients long-polling `/sync`, for each room count of
+/// `sizes.s2_rooms`: the clients are spread over the rooms, and the messages go to the rooms in
+/// turn.
 pub async fn s2_delivery(ctx: &Ctx, sizes: &Sizes) -> Result<Vec<Figure>> {
+    let mut figures = Vec::new();
+    for &rooms in &sizes.s2_rooms {
+        figures.extend(s2_delivery_in(ctx, sizes, rooms.max(1)).await?);
+    }
+    Ok(figures)
+}
+
+async fn s2_delivery_in(ctx: &Ctx, sizes: &Sizes, rooms: usize) -> Result<Vec<Figure>> {
     let owner = ctx.user_named("s2sender").await?;
     let clients = users(ctx, "s2client", sizes.s2_clients).await?;
-    let room_id = room_with(&owner, &clients).await?;
+    // Client i is in room i % rooms; so is message k.
+    let mut room_ids = Vec::with_capacity(rooms);
+    for room in 0..rooms {
+        let members: Vec<User> = clients.iter().skip(room).step_by(rooms).cloned().collect();
+        room_ids.push(room_with(&owner, &members).await?);
+    }
     let filter = lean_filter(50);
     let total = (sizes.s2_rate * sizes.s2_seconds) as usize;
+    ensure!(total >= rooms, "S2: {total} messages cannot reach {rooms} rooms");
     // When each message's send request started, by its body.
     let sent_at: Arc<Mutex<Vec<Option<Instant>>>> = Arc::new(Mutex::new(vec![None; total]));
     let latencies: Arc<Mutex<Vec<f64>>> = Arc::new(Mutex::new(Vec::new()));
@@ -270,27 +296,33 @@ pub async fn s2_delivery(ctx: &Ctx, sizes: &Sizes) -> Result<Vec<Figure>> {
     let deadline = Instant::now() + Duration::from_secs(u64::from(sizes.s2_seconds) + 120);
 
     let mut tasks = Vec::new();
-    for client in clients {
-        let (filter, room_id, sent_at, latencies, ready_tx) =
-            (filter.clone(), room_id.clone(), sent_at.clone(), latencies.clone(), ready_tx.clone());
+    for (index, client) in clients.into_iter().enumerate() {
+        let room = index % rooms;
+        // The last message this client's room gets.
+        let last = (0..total).rev().find(|message| message % rooms == room).unwrap_or(0);
+        let (filter, room_id, sent_at, latencies, ready_tx) = (
+            filter.clone(),
+            room_ids[room].clone(),
+            sent_at.clone(),
+            latencies.clone(),
+            ready_tx.clone(),
+        );
         tasks.push(tokio::spawn(async move {
             let first = client.get(&sync_path(&filter, None, 0)).await?.ok()?;
             let mut since = first["next_batch"].as_str().unwrap_or_default().to_owned();
             let _ = ready_tx.send(()).await;
             let mut received = 0usize;
             let mut seen_last = false;
+            let pointer = format!(
+                "/rooms/join/{}/timeline/events",
+                room_id.replace('~', "~0").replace('/', "~1")
+            );
             while !seen_last && Instant::now() < deadline {
                 let answer = client.get(&sync_path(&filter, Some(&since), 10_000)).await?.ok()?;
                 let arrived = Instant::now();
                 since = answer["next_batch"].as_str().unwrap_or_default().to_owned();
-                let events = answer
-                    .pointer(&format!(
-                        "/rooms/join/{}/timeline/events",
-                        room_id.replace('~', "~0").replace('/', "~1")
-                    ))
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default();
+                let events =
+                    answer.pointer(&pointer).and_then(Value::as_array).cloned().unwrap_or_default();
                 for event in events {
                     let Some(index) = event["content"]["body"]
                         .as_str()
@@ -300,7 +332,7 @@ pub async fn s2_delivery(ctx: &Ctx, sizes: &Sizes) -> Result<Vec<Figure>> {
                         continue;
                     };
                     received += 1;
-                    seen_last |= index + 1 == total;
+                    seen_last |= index == last;
                     if let Some(Some(sent)) = sent_at.lock().await.get(index) {
                         latencies.lock().await.push(millis(arrived.duration_since(*sent)));
                     }
@@ -326,7 +358,8 @@ pub async fn s2_delivery(ctx: &Ctx, sizes: &Sizes) -> Result<Vec<Figure>> {
     let mut sends = Vec::new();
     for index in 0..total {
         ticker.tick().await;
-        let (owner, room_id, sent_at) = (owner.clone(), room_id.clone(), sent_at.clone());
+        let (owner, room_id, sent_at) =
+            (owner.clone(), room_ids[index % rooms].clone(), sent_at.clone());
         sends.push(tokio::spawn(async move {
             sent_at.lock().await[index] = Some(Instant::now());
             send_one(&owner, &room_id, &format!("s2 {index}")).await
@@ -339,9 +372,15 @@ pub async fn s2_delivery(ctx: &Ctx, sizes: &Sizes) -> Result<Vec<Figure>> {
     for task in tasks {
         delivered += task.await??;
     }
-    let expected = total * sizes.s2_clients;
+    // Each message is for the clients of its room.
+    let expected: usize =
+        (0..total).map(|message| (message % rooms..sizes.s2_clients).step_by(rooms).len()).sum();
     let samples = sorted(std::mem::take(&mut *latencies.lock().await));
-    let label = format!("{} clients, {}/s", sizes.s2_clients, sizes.s2_rate);
+    let label = if rooms == 1 {
+        format!("{} clients, {}/s", sizes.s2_clients, sizes.s2_rate)
+    } else {
+        format!("{} clients in {rooms} rooms, {}/s", sizes.s2_clients, sizes.s2_rate)
+    };
     Ok(vec![
         Figure::new(
             "S2",

@@ -35,6 +35,10 @@ enum Commands {
         /// Where to write the page.
         #[arg(long)]
         output: Option<PathBuf>,
+        /// Results of runs at sizes beyond what a side-by-side run reaches (Hearth only, such
+        /// as S7 at 1M messages), each shown in its own table with its command. Repeatable.
+        #[arg(long)]
+        scale: Vec<PathBuf>,
     },
 }
 
@@ -71,6 +75,9 @@ struct RunArgs {
     /// S2: clients long-polling `/sync`.
     #[arg(long)]
     s2_clients: Option<usize>,
+    /// S2: the room counts to spread the clients over, one measurement each (`1,100`).
+    #[arg(long, value_delimiter = ',')]
+    s2_rooms: Option<Vec<usize>>,
     /// S3: rooms of the measured user.
     #[arg(long)]
     s3_rooms: Option<usize>,
@@ -152,7 +159,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Some(Commands::Docs { results, output }) => docs(&results, output),
+            Some(Commands::Docs { results, output, scale }) => docs(&results, output, &scale),
             None => run(cli.run).await,
         }
     });
@@ -185,6 +192,9 @@ async fn run(args: RunArgs) -> Result<()> {
     let mut sizes = if args.smoke { Sizes::smoke() } else { Sizes::default() };
     if let Some(value) = args.s2_clients {
         sizes.s2_clients = value;
+    }
+    if let Some(value) = args.s2_rooms {
+        sizes.s2_rooms = value;
     }
     if let Some(value) = args.s3_rooms {
         sizes.s3_rooms = value;
@@ -376,7 +386,8 @@ fn merge(results: &mut Results, earlier: &Path, scenarios: &[&str]) -> Result<()
             }
             "S2" => {
                 (sizes.s2_clients, sizes.s2_rate, sizes.s2_seconds) =
-                    (old.sizes.s2_clients, old.sizes.s2_rate, old.sizes.s2_seconds)
+                    (old.sizes.s2_clients, old.sizes.s2_rate, old.sizes.s2_seconds);
+                sizes.s2_rooms = old.sizes.s2_rooms.clone();
             }
             "S3" => {
                 (sizes.s3_rooms, sizes.s3_members, sizes.s3_history) =
@@ -638,11 +649,15 @@ fn table(results: &Results) -> String {
     out
 }
 
-fn docs(results_path: &Path, output: Option<PathBuf>) -> Result<()> {
-    let results: Results = serde_json::from_slice(
-        &std::fs::read(results_path)
-            .with_context(|| format!("reading {}", results_path.display()))?,
-    )?;
+fn read_results(path: &Path) -> Result<Results> {
+    serde_json::from_slice(
+        &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+    )
+    .with_context(|| format!("parsing {}", path.display()))
+}
+
+fn docs(results_path: &Path, output: Option<PathBuf>, scale: &[PathBuf]) -> Result<()> {
+    let results = read_results(results_path)?;
     let output =
         output.unwrap_or_else(|| launcher::workspace_root().join("docs").join("performance.md"));
     let mut page = String::new();
@@ -720,6 +735,9 @@ better Hearth is (throughput: Hearth / Synapse; times, memory and bytes: Synapse
             let _ = writeln!(page, "- {}", failure.replace('\n', " "));
         }
     }
+    if !scale.is_empty() {
+        page.push_str(&at_scale(scale)?);
+    }
     page.push_str("\n## Reproduce\n\n```sh\n");
     for earlier in &results.merged {
         let _ = writeln!(page, "{}", reproducible(&earlier.command));
@@ -735,6 +753,31 @@ better Hearth is (throughput: Hearth / Synapse; times, memory and bytes: Synapse
     std::fs::write(&output, page).with_context(|| format!("writing {}", output.display()))?;
     println!("wrote {}", output.display());
     Ok(())
+}
+
+/// The section of runs at larger sizes: per run its command, date, machine and sizes, and its
+/// table.
+fn at_scale(paths: &[PathBuf]) -> Result<String> {
+    let mut out = String::from(
+        "\n## At larger sizes\n\nRuns at sizes a side-by-side run does not reach in reasonable time (Synapse sets up about 50 joins or messages per second), so without a Synapse column unless the run had one.\n",
+    );
+    for path in paths {
+        let results = read_results(path)?;
+        let _ = writeln!(out, "\n`{}`\n", reproducible(&results.command).replace('\n', "` then `"));
+        let _ = writeln!(
+            out,
+            "- {} on {}, pinned: {}; sizes: {}\n",
+            results.date,
+            results.machine,
+            if results.pinned { "yes" } else { "no" },
+            serde_json::to_string(&results.sizes)?
+        );
+        out.push_str(&table(&results));
+        for failure in &results.failures {
+            let _ = writeln!(out, "\n- did not complete: {}", failure.replace('\n', " "));
+        }
+    }
+    Ok(out)
 }
 
 /// S6 against its goal (there is no Synapse figure to compare with).
@@ -800,7 +843,7 @@ const SCENARIO_NOTES: &str = "## Scenarios and goals
 | scenario | what | goal |
 | --- | --- | --- |
 | S1 | send throughput: 1 and 10 concurrent senders, one room, 2,000 messages per run | ≥ 20x Synapse, p99 < 10 ms |
-| S2 | delivery latency: clients long-polling `/sync` in one room, 50 messages/s; from the start of the send request to arrival in each client | p99 < 20 ms and ≥ 10x better than Synapse |
+| S2 | delivery latency: clients long-polling `/sync` in one room, and spread over 100 rooms (the messages going to the rooms in turn), 50 messages/s; from the start of the send request to arrival in each client | p99 < 20 ms and ≥ 10x better than Synapse |
 | S3 | initial sync of a user in many rooms with members and history: lazy members with timeline 1/5/20, and full member state | ≥ 10x Synapse with lazy members, never slower with full state |
 | S4 | footprint: resident memory idle and after the client load of S1 to S3, start-up time to a first answer, empty and with the run's data | idle < 30 MiB, start-up < 1 s empty |
 | S5 | federation ingest: a synthetic peer (its own key, its keys served over TLS with its own CA) joins a public room by `make_join`/`send_join` v2, adds state events to it, then sends messages in transactions of 50 (`PUT /send/{txnId}`, every PDU and every transaction signed beforehand), the next once the server shows the last PDU of the one before (Synapse answers before processing and prunes a long queue); PDUs per second until the server shows the last one, counting only what is in the room then, and the PDUs that are not; then a second user of the peer joins the grown room (`make_join` + `send_join` v2, the whole state and auth chain in the answer) | ≥ 10,000 PDUs/s on one core, the join < 5 s; the room size the issue names is 30,000 state events (`--s5-state`) |
