@@ -120,7 +120,7 @@ fn fork(conflicted: usize) -> Fork {
         db.clone(),
         key.clone(),
         RoomVersionId::V11,
-        Notifier::new(0),
+        Notifier::new(),
         hearth::outbox::Outbox::new(db.clone()),
         hearth::rooms::ingest::Limits::default(),
     );

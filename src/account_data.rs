@@ -207,7 +207,7 @@ mod tests {
     #[test]
     fn kept_push_rules_follow_each_change() {
         let dir = tempfile::tempdir().unwrap();
-        let data = AccountData::new(Db::open(dir.path()).unwrap(), Notifier::new(0));
+        let data = AccountData::new(Db::open(dir.path()).unwrap(), Notifier::new());
         let user: OwnedUserId = "@u:x".try_into().unwrap();
         let default = data.push_rules_shared(&user).unwrap();
         let json = |ruleset: &Ruleset| serde_json::to_string(ruleset).unwrap();

@@ -1041,7 +1041,7 @@ mod tests {
     fn e2ee() -> (tempfile::TempDir, E2ee) {
         let dir = tempfile::tempdir().unwrap();
         let db = Db::open(dir.path()).unwrap();
-        let notifier = Notifier::new(db.position());
+        let notifier = Notifier::new();
         (dir, E2ee::new(db, notifier))
     }
 

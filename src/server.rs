@@ -81,7 +81,7 @@ impl Server {
             &config.signing_key_path(),
             config.server_name.clone(),
         )?);
-        let notifier = Notifier::new(db.position());
+        let notifier = Notifier::new();
         let outbox = Outbox::new(db.clone());
         let accounts = Accounts::new(db.clone(), config.server_name.clone());
         let rooms = Rooms::new(

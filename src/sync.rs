@@ -5,10 +5,14 @@
 //!
 //! [Syncing](https://spec.matrix.org/v1.16/client-server-api/#syncing)
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use ruma::{
-    OwnedEventId, OwnedUserId, RoomId, UInt, UserId,
+    OwnedEventId, OwnedRoomId, OwnedUserId, RoomId, UInt, UserId,
     push::{Action, FlattenedJson, PushConditionRoomCtx, Ruleset},
     serde::Raw,
 };
@@ -75,10 +79,11 @@ struct Timeline {
 pub async fn sync(state: &AppState, auth: &Auth, request: SyncRequest) -> Result<Value, ApiError> {
     let mut receiver = state.notifier.subscribe();
     let deadline = tokio::time::Instant::now() + request.timeout;
-    loop {
+    'build: loop {
         receiver.borrow_and_update();
+        let mut seen = state.notifier.seen();
         let position = state.rooms.position();
-        let (response, changed) = build(state, auth, &request, position).await?;
+        let (response, changed, rooms) = build(state, auth, &request, position).await?;
         if changed
             || state.notifier.is_closed()
             || request.since.is_none()
@@ -87,20 +92,27 @@ pub async fn sync(state: &AppState, auth: &Auth, request: SyncRequest) -> Result
         {
             return Ok(response);
         }
-        let typing_expiry =
-            state.ephemeral.next_typing_expiry().map(tokio::time::Instant::from_std);
-        let wake = typing_expiry.map_or(deadline, |expiry| expiry.min(deadline));
-        tokio::select! {
-            result = receiver.changed() => {
-                if result.is_err() {
-                    return Ok(response);
+        loop {
+            let typing_expiry =
+                state.ephemeral.next_typing_expiry().map(tokio::time::Instant::from_std);
+            let wake = typing_expiry.map_or(deadline, |expiry| expiry.min(deadline));
+            tokio::select! {
+                result = receiver.changed() => {
+                    if result.is_err() {
+                        return Ok(response);
+                    }
+                    receiver.borrow_and_update();
+                    if state.notifier.is_closed() || state.notifier.concerns(&mut seen, &rooms) {
+                        continue 'build;
+                    }
                 }
-            }
-            () = tokio::time::sleep_until(wake) => {
-                if wake >= deadline {
-                    return Ok(response);
+                () = tokio::time::sleep_until(wake) => {
+                    if wake >= deadline {
+                        return Ok(response);
+                    }
+                    state.ephemeral.expire_typing()?;
+                    continue 'build;
                 }
-                state.ephemeral.expire_typing()?;
             }
         }
     }
@@ -111,7 +123,7 @@ async fn build(
     auth: &Auth,
     request: &SyncRequest,
     position: u64,
-) -> Result<(Value, bool), ApiError> {
+) -> Result<(Value, bool, HashSet<OwnedRoomId>), ApiError> {
     let ruleset = state.account_data.push_rules_shared(&auth.user_id)?;
     let user_id = &auth.user_id;
     let since = request.since;
@@ -131,7 +143,11 @@ async fn build(
     // [Tracking the device list](https://spec.matrix.org/v1.16/client-server-api/#tracking-the-device-list-for-a-user)
     let mut devices_changed: BTreeSet<OwnedUserId> = BTreeSet::new();
     let mut devices_left: BTreeSet<OwnedUserId> = BTreeSet::new();
+    // The rooms whose events may change this user's next response: every room it has a
+    // membership in (a change of its membership is announced to everyone).
+    let mut rooms = HashSet::new();
     for (room_id, record) in state.rooms.rooms_of_user(user_id)? {
+        rooms.insert(room_id.clone());
         if !filter.room.allows_room(&room_id) || record.position > position {
             continue;
         }
@@ -272,7 +288,7 @@ async fn build(
         ("device_one_time_keys_count", json!(one_time_keys_count)),
         ("device_unused_fallback_key_types", json!(unused_fallback_key_types)),
     ]);
-    Ok((response, changed))
+    Ok((response, changed, rooms))
 }
 
 /// Picks timeline events in `(lower, upper]`, newest `limit` of those the filter allows.

@@ -904,7 +904,11 @@ impl Rooms {
         if members_changed {
             self.room_membership_changed(&pdu.room_id);
         }
-        self.inner.notifier.notify(position);
+        self.announce(
+            &pdu.room_id,
+            position,
+            members_changed || pdu.kind == TimelineEventType::RoomMember,
+        );
         Ok(if soft_failed.is_some() { Accepted::SoftFailed } else { Accepted::Persisted })
     }
 
@@ -1000,10 +1004,11 @@ impl Rooms {
             Ok(())
         })?;
         tracing::debug!(event_id = %pdu.event_id, position, "remote event persisted");
-        if pdu.kind == TimelineEventType::RoomMember {
+        let membership = pdu.kind == TimelineEventType::RoomMember;
+        if membership {
             self.room_membership_changed(&room_id);
         }
-        self.inner.notifier.notify(position);
+        self.announce(&room_id, position, membership);
         Ok(Accepted::Persisted)
     }
 

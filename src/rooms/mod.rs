@@ -908,6 +908,16 @@ impl Rooms {
         Ok(pdu)
     }
 
+    /// Wakes `/sync` for a committed event of `room_id`: only those in the room, unless it
+    /// changed a membership (which concerns the member too, who may not be in it yet).
+    pub(crate) fn announce(&self, room_id: &RoomId, position: u64, membership: bool) {
+        if membership {
+            self.inner.notifier.notify(position);
+        } else {
+            self.inner.notifier.notify_room(room_id, position);
+        }
+    }
+
     /// Persists a built local event in one batch with its outbound queue rows, then wakes
     /// `/sync` and the federation sender. The room lock must be held.
     fn commit_event(
@@ -936,10 +946,11 @@ impl Rooms {
             Ok(())
         })?;
         tracing::debug!(event_id = %pdu.event_id, position, "event persisted");
-        if pdu.kind == TimelineEventType::RoomMember {
+        let membership = pdu.kind == TimelineEventType::RoomMember;
+        if membership {
             self.room_membership_changed(&pdu.room_id);
         }
-        self.inner.notifier.notify(position);
+        self.announce(&pdu.room_id, position, membership);
         self.inner.outbox.wake(&destinations);
         Ok(Appended { event_id: pdu.event_id, position })
     }
