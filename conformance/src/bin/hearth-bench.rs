@@ -357,11 +357,15 @@ fn merge(results: &mut Results, earlier: &Path, scenarios: &[&str]) -> Result<()
         &std::fs::read(earlier).with_context(|| format!("reading {}", earlier.display()))?,
     )
     .with_context(|| format!("parsing {}", earlier.display()))?;
+    // A server this run did not start keeps all its figures (a `--server hearth` run leaves
+    // Synapse's as they were).
+    let ran: Vec<String> = results.servers.iter().map(|(label, _, _)| label.clone()).collect();
     let mut kept = Vec::new();
     for (label, version, figures) in old.servers {
+        let ran_again = ran.contains(&label);
         let figures: Vec<Figure> = figures
             .into_iter()
-            .filter(|figure| !scenarios.contains(&figure.scenario.as_str()))
+            .filter(|figure| !(ran_again && scenarios.contains(&figure.scenario.as_str())))
             .collect();
         for figure in &figures {
             if !kept.contains(&figure.scenario) {
@@ -403,11 +407,21 @@ fn merge(results: &mut Results, earlier: &Path, scenarios: &[&str]) -> Result<()
     if kept.contains(&"S6".to_owned()) && results.s6_profile.is_none() {
         results.s6_profile = old.s6_profile;
     }
-    results.failures.extend(
-        old.failures.into_iter().filter(|failure| {
-            kept.iter().any(|scenario| failure.contains(&format!(" {scenario}:")))
-        }),
-    );
+    // A failure reads "<server> <scenario>: <error>": kept with its scenario's figures, or when
+    // this run did not start that server.
+    for failure in old.failures {
+        let mut words = failure.split_whitespace();
+        let server = words.next().unwrap_or_default();
+        let scenario = words.next().unwrap_or_default().trim_end_matches(':').to_owned();
+        if !ran.iter().any(|label| label == server) {
+            if !kept.contains(&scenario) {
+                kept.push(scenario);
+            }
+            results.failures.push(failure);
+        } else if kept.contains(&scenario) {
+            results.failures.push(failure);
+        }
+    }
     let own_run = Earlier {
         command: old.command,
         date: old.date,
@@ -857,7 +871,54 @@ S3 at 300 rooms of 300 members and S4/S7 at 1M events need set-up times that Syn
 
 #[cfg(test)]
 mod tests {
-    use super::{Earlier, provenance};
+    use super::{Earlier, Results, merge, provenance};
+    use conformance::bench::{Better, Figure, Sizes};
+
+    fn results(servers: &[(&str, &[&str])], failures: &[&str]) -> Results {
+        Results {
+            command: "bench".into(),
+            date: String::new(),
+            machine: String::new(),
+            sizes: Sizes::default(),
+            pinned: true,
+            tool_profile: String::new(),
+            servers: servers
+                .iter()
+                .map(|(label, scenarios)| {
+                    let figures = scenarios
+                        .iter()
+                        .map(|scenario| Figure::new(*scenario, "x", 1.0, Better::Lower))
+                        .collect();
+                    ((*label).to_owned(), String::new(), figures)
+                })
+                .collect(),
+            failures: failures.iter().map(|failure| (*failure).to_owned()).collect(),
+            s6_profile: None,
+            merged: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_run_of_one_server_keeps_the_others_figures_and_failures() {
+        let dir = tempfile::tempdir().unwrap();
+        let earlier = dir.path().join("earlier.json");
+        let old = results(
+            &[("hearth", &["S1", "S2"]), ("synapse", &["S1"])],
+            &["synapse S2: timed out", "hearth S3: broke"],
+        );
+        std::fs::write(&earlier, serde_json::to_vec(&old).unwrap()).unwrap();
+        // Hearth alone measured S2 and S3 again.
+        let mut new = results(&[("hearth", &["S2", "S3"])], &[]);
+        merge(&mut new, &earlier, &["S2", "S3"]).unwrap();
+        let scenarios = |label: &str| -> Vec<String> {
+            let (_, _, figures) = new.servers.iter().find(|(l, _, _)| l == label).unwrap();
+            figures.iter().map(|figure| figure.scenario.clone()).collect()
+        };
+        assert_eq!(scenarios("hearth"), ["S1", "S2", "S3"]);
+        assert_eq!(scenarios("synapse"), ["S1"]);
+        // Synapse's S2 failure stays (Synapse did not run again); Hearth's S3 one is replaced.
+        assert_eq!(new.failures, ["synapse S2: timed out"]);
+    }
 
     fn run(command: &str, scenarios: &[&str]) -> Earlier {
         Earlier {
