@@ -887,7 +887,7 @@ mod tests {
                 .map(|(label, scenarios)| {
                     let figures = scenarios
                         .iter()
-                        .map(|scenario| Figure::new(*scenario, "x", 1.0, Better::Lower))
+                        .map(|scenario| Figure::new(scenario, "x", 1.0, Better::Lower))
                         .collect();
                     ((*label).to_owned(), String::new(), figures)
                 })
