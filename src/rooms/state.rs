@@ -206,10 +206,7 @@ pub fn add_to_snapshot(
     } else {
         Snapshot { parent, depth: parent_depth + 1, changes: vec![(state_key_short, event_short)] }
     };
-    batch.put(SNAPSHOTS, &keys::encode_u64(id), &snapshot)?;
-    cache.depths.insert(id, snapshot.depth);
-    cache.put(id, Arc::new(full));
-    Ok(id)
+    put_snapshot(cache, batch, id, &snapshot, full)
 }
 
 /// Writes a snapshot holding exactly `full`: a delta against `parent` when `full` only adds to
@@ -232,7 +229,18 @@ pub fn write_snapshot(
             full.iter().filter(|(k, v)| base.get(k) != Some(v)).map(|(k, v)| (*k, *v)).collect();
         Snapshot { parent, depth: parent_depth + 1, changes }
     };
-    batch.put(SNAPSHOTS, &keys::encode_u64(id), &snapshot)?;
+    put_snapshot(cache, batch, id, &snapshot, full)
+}
+
+/// Writes snapshot `id` in `batch` and keeps its depth and its full map.
+fn put_snapshot(
+    cache: &SnapshotCache,
+    batch: &mut Batch<'_>,
+    id: u64,
+    snapshot: &Snapshot,
+    full: ShortState,
+) -> Result<u64, storage::Error> {
+    batch.put(SNAPSHOTS, &keys::encode_u64(id), snapshot)?;
     cache.depths.insert(id, snapshot.depth);
     cache.put(id, Arc::new(full));
     Ok(id)
