@@ -173,17 +173,21 @@ pub fn load_snapshot(
             break;
         };
         next = snapshot.parent;
-        chain.push(snapshot);
+        chain.push((current, snapshot));
     }
+    // Every snapshot of the chain is kept, not only the one asked for: whoever walks a room's
+    // history backwards (`/messages`, or `prev_content` over `/state`) asks next for an
+    // ancestor, which would otherwise rebuild the chain from its full copy again (hundreds of
+    // deltas over tens of thousands of entries, for every state event of a large room). The
+    // maps share their structure, so each costs only the nodes its delta touched.
     let mut state = (*base).clone();
-    for snapshot in chain.iter().rev() {
+    for (current, snapshot) in chain.iter().rev() {
         for (state_key, event) in &snapshot.changes {
             state.insert(*state_key, *event);
         }
+        cache.put(*current, Arc::new(state.clone()));
     }
-    let state = Arc::new(state);
-    cache.put(id, state.clone());
-    Ok(state)
+    Ok(cache.get(id).unwrap_or_else(|| Arc::new(state)))
 }
 
 /// Writes a new snapshot: `parent` plus the state event `(kind, state_key) -> event_short`.
@@ -374,7 +378,7 @@ mod tests {
         let mut batch = db.batch();
         let mut parent = Some(write_snapshot(&db, &cache, &mut batch, None, full).unwrap());
         db.write(batch).unwrap();
-        let mut depths = Vec::new();
+        let (mut depths, mut ids) = (Vec::new(), Vec::new());
         for index in 0..(FULL_EVERY + 40) as u64 {
             let mut batch = db.batch();
             let kind = "m.room.member";
@@ -390,14 +394,23 @@ mod tests {
             .unwrap();
             db.write(batch).unwrap();
             parent = Some(id);
+            ids.push(id);
             depths.push(depth_of(&db, &SnapshotCache::default(), parent).unwrap());
         }
         // One full copy in the 90 deltas (allowed 81 deep), not one every 50.
         assert_eq!(depths.iter().filter(|depth| **depth == 0).count(), 1, "{depths:?}");
         assert_eq!(depths[..80], (1..=80).collect::<Vec<u32>>()[..]);
-        let cold = load_snapshot(&db, &SnapshotCache::default(), parent).unwrap();
+        let cold_cache = SnapshotCache::default();
+        let cold = load_snapshot(&db, &cold_cache, parent).unwrap();
         assert_eq!(cold.len(), entries + (FULL_EVERY as usize + 40));
         assert_eq!(*cold, *load_snapshot(&db, &cache, parent).unwrap());
+        // The cold load kept the snapshots it passed through, back to the full copy, equal to
+        // what the warm cache built as they were written.
+        let copy = depths.iter().rposition(|depth| *depth == 0).unwrap();
+        for id in &ids[copy..] {
+            assert_eq!(*cold_cache.get(*id).expect("kept"), *cache.get(*id).unwrap());
+        }
+        assert!(cold_cache.get(ids[copy - 1]).is_none());
     }
 
     #[test]
