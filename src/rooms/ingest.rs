@@ -259,6 +259,18 @@ struct Prepared {
     rules: RoomVersionRules,
 }
 
+/// Hands the WAL records a transaction's PDUs left buffered to the OS when dropped: when the
+/// transaction is answered, and also if its request is dropped midway.
+struct FlushWalOnDrop<'a>(&'a storage::Db);
+
+impl Drop for FlushWalOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Err(error) = self.0.flush_wal_buffer() {
+            tracing::error!(%error, "flushing the write-ahead log failed");
+        }
+    }
+}
+
 /// A PDU that passed the checks that need no room state: format, signatures, hash.
 pub(super) struct Checked {
     pub(super) pdu: Pdu,
@@ -284,6 +296,9 @@ impl Rooms {
         }
         let span = tracing::info_span!("transaction", %origin, txn_id, pdus = pdus.len());
         async move {
+            // The PDUs' writes leave their WAL records buffered; this hands them to the OS
+            // once, when the transaction is answered (or dropped).
+            let _flush = FlushWalOnDrop(self.db());
             let mut results = TransactionResults::new();
             for value in pdus {
                 let CanonicalJsonValue::Object(json) = value else {
@@ -297,7 +312,7 @@ impl Rooms {
                 };
                 let event_id = prepared.received.event_id().clone();
                 let result =
-                    self.receive_pdu_inner(origin, json, remote, true, Some(prepared)).await;
+                    self.receive_pdu_inner(origin, json, remote, true, Some(prepared), true).await;
                 if let Err(error) = &result {
                     tracing::info!(%event_id, %error, "PDU not accepted");
                 }
@@ -331,10 +346,12 @@ impl Rooms {
         json: CanonicalJsonObject,
         remote: &Remote,
     ) -> Result<Accepted, IngestError> {
-        self.receive_pdu_inner(origin, json, remote, true, None).await
+        self.receive_pdu_inner(origin, json, remote, true, None, false).await
     }
 
-    /// [`Rooms::receive_pdu`], with the PDU already prepared (event id, room version and rules) when the caller has it.
+    /// [`Rooms::receive_pdu`], with the PDU already prepared (event id, room version and rules)
+    /// when the caller has it. `buffered`: the write may leave its WAL record in the buffer
+    /// ([`storage::Db::write_buffered`]) because the caller flushes it.
     async fn receive_pdu_inner(
         &self,
         origin: &ServerName,
@@ -342,6 +359,7 @@ impl Rooms {
         remote: &Remote,
         fetch_missing_prev: bool,
         known: Option<Prepared>,
+        buffered: bool,
     ) -> Result<Accepted, IngestError> {
         // 1. and 2. and 3.: format, signatures, content hash.
         let Checked { pdu, rules } = self.check_received_as(json, remote, known).await?;
@@ -395,9 +413,10 @@ impl Rooms {
                     events.sort_by_key(|(depth, _)| *depth);
                     for (_, json) in events {
                         // One level only: the gap's own gaps are not chased.
-                        let result =
-                            Box::pin(self.receive_pdu_inner(origin, json, remote, false, None))
-                                .await;
+                        let result = Box::pin(
+                            self.receive_pdu_inner(origin, json, remote, false, None, buffered),
+                        )
+                        .await;
                         if let Err(error) = result {
                             tracing::debug!(%error, "missing event not accepted");
                         }
@@ -444,7 +463,7 @@ impl Rooms {
             return Ok(Accepted::AlreadyKnown);
         }
         let mut room = self.room(&room_id)?.ok_or(IngestError::UnknownRoom)?;
-        self.accept_locked(&mut room, &pdu, &rules, given_state, Some(&answers))
+        self.accept_locked(&mut room, &pdu, &rules, given_state, Some(&answers), buffered)
     }
 
     /// The state before `pdu` as `origin` has it: the ids `state_ids` answers, with every
@@ -769,6 +788,7 @@ impl Rooms {
         rules: &RoomVersionRules,
         given_state: Option<BTreeMap<(String, String), OwnedEventId>>,
         answers: Option<&AuthAnswers>,
+        buffered: bool,
     ) -> Result<Accepted, IngestError> {
         let room_id = pdu.room_id.clone();
         let mut prev_snapshots: Vec<Option<u64>> = Vec::new();
@@ -797,7 +817,7 @@ impl Rooms {
             && room.forward_extremities.len() == pdu.prev_events.len()
             && room.forward_extremities.iter().all(|id| pdu.prev_events.contains(id))
         {
-            return self.accept_linear(room, pdu, rules, answers);
+            return self.accept_linear(room, pdu, rules, answers, buffered);
         }
         // 5. State before the event.
         let from_state_ids = given_state.is_some();
@@ -895,11 +915,16 @@ impl Rooms {
             extremities,
             redaction_applies,
         };
-        let (position, members_changed) = self.db().write_at_next_position(|position, batch| {
+        let fill = |position: u64, batch: &mut Batch<'_>| {
             let members_changed = self.persist_remote(batch, room, pdu, position, plan)?;
             self.write_shown_outliers(batch, &room_id, &shown, position)?;
             Ok(members_changed)
-        })?;
+        };
+        let (position, members_changed) = if buffered {
+            self.db().write_at_next_position_buffered(fill)?
+        } else {
+            self.db().write_at_next_position(fill)?
+        };
         tracing::debug!(event_id = %pdu.event_id, position, "remote event persisted");
         if members_changed {
             self.room_membership_changed(&pdu.room_id);
@@ -927,6 +952,7 @@ impl Rooms {
         pdu: &Pdu,
         rules: &RoomVersionRules,
         answers: Option<&AuthAnswers>,
+        buffered: bool,
     ) -> Result<Accepted, IngestError> {
         let db = self.db();
         let current = state::load_snapshot(db, &self.inner.snapshots, room.current_snapshot)?;
@@ -966,7 +992,7 @@ impl Rooms {
             None => false,
         };
         let room_id = pdu.room_id.clone();
-        let (position, ()) = self.db().write_at_next_position(|position, batch| {
+        let fill = |position: u64, batch: &mut Batch<'_>| {
             let short = db.next_short(batch)?;
             let state_before = room.current_snapshot;
             let mut state_after = state_before;
@@ -1002,7 +1028,12 @@ impl Rooms {
             room.last_position = position;
             batch.put(ROOMS, room_id.as_bytes(), &*room)?;
             Ok(())
-        })?;
+        };
+        let (position, ()) = if buffered {
+            db.write_at_next_position_buffered(fill)?
+        } else {
+            db.write_at_next_position(fill)?
+        };
         tracing::debug!(event_id = %pdu.event_id, position, "remote event persisted");
         let membership = pdu.kind == TimelineEventType::RoomMember;
         if membership {
