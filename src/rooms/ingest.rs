@@ -26,7 +26,7 @@ use ruma::{
     signatures::Verified,
 };
 use serde_json::Value;
-use storage::Batch;
+use storage::{Batch, Wal};
 use tracing::{Instrument, instrument};
 
 use super::{EventMeta, Pdu, ROOMS, RoomError, RoomRecord, Rooms, state};
@@ -311,8 +311,9 @@ impl Rooms {
                     continue;
                 };
                 let event_id = prepared.received.event_id().clone();
-                let result =
-                    self.receive_pdu_inner(origin, json, remote, true, Some(prepared), true).await;
+                let result = self
+                    .receive_pdu_inner(origin, json, remote, true, Some(prepared), Wal::Buffer)
+                    .await;
                 if let Err(error) = &result {
                     tracing::info!(%event_id, %error, "PDU not accepted");
                 }
@@ -346,12 +347,11 @@ impl Rooms {
         json: CanonicalJsonObject,
         remote: &Remote,
     ) -> Result<Accepted, IngestError> {
-        self.receive_pdu_inner(origin, json, remote, true, None, false).await
+        self.receive_pdu_inner(origin, json, remote, true, None, Wal::Flush).await
     }
 
     /// [`Rooms::receive_pdu`], with the PDU already prepared (event id, room version and rules)
-    /// when the caller has it. `buffered`: the write may leave its WAL record in the buffer
-    /// ([`storage::Db::write_buffered`]) because the caller flushes it.
+    /// when the caller has it. `wal`: [`Wal::Buffer`] when the caller flushes the WAL after.
     async fn receive_pdu_inner(
         &self,
         origin: &ServerName,
@@ -359,7 +359,7 @@ impl Rooms {
         remote: &Remote,
         fetch_missing_prev: bool,
         known: Option<Prepared>,
-        buffered: bool,
+        wal: Wal,
     ) -> Result<Accepted, IngestError> {
         // 1. and 2. and 3.: format, signatures, content hash.
         let Checked { pdu, rules } = self.check_received_as(json, remote, known).await?;
@@ -414,7 +414,7 @@ impl Rooms {
                     for (_, json) in events {
                         // One level only: the gap's own gaps are not chased.
                         let result = Box::pin(
-                            self.receive_pdu_inner(origin, json, remote, false, None, buffered),
+                            self.receive_pdu_inner(origin, json, remote, false, None, wal),
                         )
                         .await;
                         if let Err(error) = result {
@@ -463,7 +463,7 @@ impl Rooms {
             return Ok(Accepted::AlreadyKnown);
         }
         let mut room = self.room(&room_id)?.ok_or(IngestError::UnknownRoom)?;
-        self.accept_locked(&mut room, &pdu, &rules, given_state, Some(&answers), buffered)
+        self.accept_locked(&mut room, &pdu, &rules, given_state, Some(&answers), wal)
     }
 
     /// The state before `pdu` as `origin` has it: the ids `state_ids` answers, with every
@@ -788,7 +788,7 @@ impl Rooms {
         rules: &RoomVersionRules,
         given_state: Option<BTreeMap<(String, String), OwnedEventId>>,
         answers: Option<&AuthAnswers>,
-        buffered: bool,
+        wal: Wal,
     ) -> Result<Accepted, IngestError> {
         let room_id = pdu.room_id.clone();
         let mut prev_snapshots: Vec<Option<u64>> = Vec::new();
@@ -817,7 +817,7 @@ impl Rooms {
             && room.forward_extremities.len() == pdu.prev_events.len()
             && room.forward_extremities.iter().all(|id| pdu.prev_events.contains(id))
         {
-            return self.accept_linear(room, pdu, rules, answers, buffered);
+            return self.accept_linear(room, pdu, rules, answers, wal);
         }
         // 5. State before the event.
         let from_state_ids = given_state.is_some();
@@ -915,16 +915,12 @@ impl Rooms {
             extremities,
             redaction_applies,
         };
-        let fill = |position: u64, batch: &mut Batch<'_>| {
-            let members_changed = self.persist_remote(batch, room, pdu, position, plan)?;
-            self.write_shown_outliers(batch, &room_id, &shown, position)?;
-            Ok(members_changed)
-        };
-        let (position, members_changed) = if buffered {
-            self.db().write_at_next_position_buffered(fill)?
-        } else {
-            self.db().write_at_next_position(fill)?
-        };
+        let (position, members_changed) =
+            self.db().write_at_next_position_with(wal, |position, batch| {
+                let members_changed = self.persist_remote(batch, room, pdu, position, plan)?;
+                self.write_shown_outliers(batch, &room_id, &shown, position)?;
+                Ok(members_changed)
+            })?;
         tracing::debug!(event_id = %pdu.event_id, position, "remote event persisted");
         if members_changed {
             self.room_membership_changed(&pdu.room_id);
@@ -952,7 +948,7 @@ impl Rooms {
         pdu: &Pdu,
         rules: &RoomVersionRules,
         answers: Option<&AuthAnswers>,
-        buffered: bool,
+        wal: Wal,
     ) -> Result<Accepted, IngestError> {
         let db = self.db();
         let current = state::load_snapshot(db, &self.inner.snapshots, room.current_snapshot)?;
@@ -992,7 +988,7 @@ impl Rooms {
             None => false,
         };
         let room_id = pdu.room_id.clone();
-        let fill = |position: u64, batch: &mut Batch<'_>| {
+        let (position, ()) = db.write_at_next_position_with(wal, |position, batch| {
             let short = db.next_short(batch)?;
             let state_before = room.current_snapshot;
             let mut state_after = state_before;
@@ -1028,12 +1024,7 @@ impl Rooms {
             room.last_position = position;
             batch.put(ROOMS, room_id.as_bytes(), &*room)?;
             Ok(())
-        };
-        let (position, ()) = if buffered {
-            db.write_at_next_position_buffered(fill)?
-        } else {
-            db.write_at_next_position(fill)?
-        };
+        })?;
         tracing::debug!(event_id = %pdu.event_id, position, "remote event persisted");
         let membership = pdu.kind == TimelineEventType::RoomMember;
         if membership {

@@ -181,13 +181,15 @@ pub fn load_snapshot(
     // deltas over tens of thousands of entries, for every state event of a large room). The
     // maps share their structure, so each costs only the nodes its delta touched.
     let mut state = (*base).clone();
+    let mut loaded = base;
     for (current, snapshot) in chain.iter().rev() {
         for (state_key, event) in &snapshot.changes {
             state.insert(*state_key, *event);
         }
-        cache.put(*current, Arc::new(state.clone()));
+        loaded = Arc::new(state.clone());
+        cache.put(*current, loaded.clone());
     }
-    Ok(cache.get(id).unwrap_or_else(|| Arc::new(state)))
+    Ok(loaded)
 }
 
 /// Writes a new snapshot: `parent` plus the state event `(kind, state_key) -> event_short`.

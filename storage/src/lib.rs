@@ -168,9 +168,14 @@ const MEMTABLES_TOTAL_BYTES: usize = 32 << 20;
 const MIGRATION_BATCH: usize = 4096;
 
 /// Whether a write hands its WAL record to the OS before it returns.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Wal {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wal {
+    /// Before it returns: the write outlives a crash of the process (not of the machine: the
+    /// WAL is not synced to the disk on every write).
     Flush,
+    /// With the next flushing write or [`Db::flush_wal_buffer`]: for a group of writes that is
+    /// answered as one (a federation transaction), which the caller ends with a flush. A crash
+    /// of the process before that loses them. The write is visible to reads at once.
     Buffer,
 }
 
@@ -192,9 +197,9 @@ impl Db {
         // 200 KiB) and every flush and compaction: disk that holds no data, counted in S7's
         // bytes per message. Warnings and errors are still written.
         options.set_log_level(rocksdb::LogLevel::Warn);
-        // The WAL is handed to the OS by [`Db::write`] itself, or, for the writes of
-        // [`Db::write_buffered`], once for a whole group of them (a federation transaction's
-        // PDUs): a `write(2)` per event was a sixth of receiving a PDU.
+        // The WAL is handed to the OS by [`Db::write`] itself, or, for [`Wal::Buffer`] writes,
+        // once for a whole group of them (a federation transaction's PDUs): a `write(2)` per
+        // event was a sixth of receiving a PDU.
         options.set_manual_wal_flush(true);
         options.increase_parallelism(2);
         // Memory: every table would otherwise get its own block cache and 64 MiB memtables,
@@ -330,21 +335,12 @@ impl Db {
     }
 
     /// Writes a batch atomically, WAL first; the WAL record (with any buffered before it) is
-    /// with the OS when this returns, so it outlives a crash of the process (not of the
-    /// machine: the WAL is not synced to the disk on every write).
+    /// with the OS when this returns ([`Wal::Flush`]).
     pub fn write(&self, batch: Batch<'_>) -> Result<()> {
         self.write_with(batch, Wal::Flush)
     }
 
-    /// Writes a batch atomically, visible to reads at once, but leaves its WAL record in
-    /// RocksDB's buffer until the next [`Db::write`] or [`Db::flush_wal_buffer`]: for a
-    /// group of writes that is answered as one (a federation transaction), which the caller
-    /// ends with [`Db::flush_wal_buffer`]. A crash of the process before that loses them.
-    pub fn write_buffered(&self, batch: Batch<'_>) -> Result<()> {
-        self.write_with(batch, Wal::Buffer)
-    }
-
-    /// Hands the buffered WAL records of [`Db::write_buffered`] to the OS.
+    /// Hands the WAL records buffered by [`Wal::Buffer`] writes to the OS.
     pub fn flush_wal_buffer(&self) -> Result<()> {
         self.inner.rocks.flush_wal(false)?;
         Ok(())
@@ -355,7 +351,7 @@ impl Db {
         options.set_sync(false);
         self.inner.rocks.write_opt(batch.batch, &options)?;
         if wal == Wal::Flush {
-            self.inner.rocks.flush_wal(false)?;
+            self.flush_wal_buffer()?;
         }
         Ok(())
     }
@@ -370,16 +366,8 @@ impl Db {
         self.write_at_next_position_with(Wal::Flush, fill)
     }
 
-    /// [`Db::write_at_next_position`] with the WAL record left in the buffer, as
-    /// [`Db::write_buffered`] does.
-    pub fn write_at_next_position_buffered<T>(
-        &self,
-        fill: impl FnOnce(u64, &mut Batch<'_>) -> Result<T>,
-    ) -> Result<(u64, T)> {
-        self.write_at_next_position_with(Wal::Buffer, fill)
-    }
-
-    fn write_at_next_position_with<T>(
+    /// [`Db::write_at_next_position`], with its WAL record handed over as `wal` says.
+    pub fn write_at_next_position_with<T>(
         &self,
         wal: Wal,
         fill: impl FnOnce(u64, &mut Batch<'_>) -> Result<T>,
@@ -641,17 +629,19 @@ mod tests {
         let after_write = wal_bytes(dir.path());
         assert!(after_write > start, "a plain write is with the OS: {start} -> {after_write}");
 
-        let (position, ()) = db
-            .write_at_next_position_buffered(|position, batch| {
+        let (first, ()) = db
+            .write_at_next_position_with(Wal::Buffer, |position, batch| {
                 batch.put("room_id_to_room", b"!b:x", &position)
             })
             .unwrap();
-        let mut batch = db.batch();
-        batch.put("room_id_to_room", b"!c:x", &3u64).unwrap();
-        db.write_buffered(batch).unwrap();
+        let (position, ()) = db
+            .write_at_next_position_with(Wal::Buffer, |_, batch| {
+                batch.put("room_id_to_room", b"!c:x", &3u64)
+            })
+            .unwrap();
         // Visible at once, but not yet in the log file.
         assert_eq!(db.position(), position);
-        assert_eq!(db.get::<u64>("room_id_to_room", b"!b:x").unwrap(), Some(position));
+        assert_eq!(db.get::<u64>("room_id_to_room", b"!b:x").unwrap(), Some(first));
         assert_eq!(db.get::<u64>("room_id_to_room", b"!c:x").unwrap(), Some(3));
         assert_eq!(wal_bytes(dir.path()), after_write);
         db.flush_wal_buffer().unwrap();

@@ -413,12 +413,11 @@ fn merge(results: &mut Results, earlier: &Path, scenarios: &[&str]) -> Result<()
         let mut words = failure.split_whitespace();
         let server = words.next().unwrap_or_default();
         let scenario = words.next().unwrap_or_default().trim_end_matches(':').to_owned();
-        if !ran.iter().any(|label| label == server) {
-            if !kept.contains(&scenario) {
-                kept.push(scenario);
-            }
-            results.failures.push(failure);
-        } else if kept.contains(&scenario) {
+        let server_kept = !ran.iter().any(|label| label == server);
+        if server_kept && !kept.contains(&scenario) {
+            kept.push(scenario.clone());
+        }
+        if kept.contains(&scenario) {
             results.failures.push(failure);
         }
     }
